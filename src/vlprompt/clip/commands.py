@@ -1,0 +1,5 @@
+"""``vlprompt predict`` (zero-shot with a backbone)."""
+
+
+def register(sub) -> None:
+    pass

@@ -1,0 +1,350 @@
+"""Loading CLIP weights from every format users have, into the one OpenAI key layout.
+
+Accepted: OpenAI TorchScript archives (``ViT-B-16.pt`` as OpenAI ships it), plain state dicts in
+``.pt/.pth/.bin/.safetensors`` (also nested under ``state_dict`` / ``model``, with or without a
+``module.`` prefix), open_clip checkpoints, and Hugging Face ``CLIPModel`` folders. Named
+backbones resolve to the cache folder (``$VLPROMPT_CACHE``, default ``~/.cache/vlprompt``) and are
+downloaded only when the network is there; otherwise the error names the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .model import CLIP, CLIPConfig
+
+logger = logging.getLogger(__name__)
+
+_OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha}/{file}"
+#: canonical name -> (file name in the cache, sha256 of the file as OpenAI publishes it)
+OPENAI_MODELS = {
+    "ViT-B/32": ("ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
+    "ViT-B/16": ("ViT-B-16.pt", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "ViT-L/14": ("ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+    "ViT-L/14@336px": ("ViT-L-14-336px.pt",
+                       "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"),
+}
+#: other spellings users type (open_clip, Hugging Face) -> canonical name
+_ALIASES = {
+    "vit-b-32": "ViT-B/32", "vit-b/32": "ViT-B/32", "openai/clip-vit-base-patch32": "ViT-B/32",
+    "vit-b-16": "ViT-B/16", "vit-b/16": "ViT-B/16", "openai/clip-vit-base-patch16": "ViT-B/16",
+    "vit-l-14": "ViT-L/14", "vit-l/14": "ViT-L/14", "openai/clip-vit-large-patch14": "ViT-L/14",
+    "vit-l-14-336": "ViT-L/14@336px", "vit-l/14@336px": "ViT-L/14@336px",
+    "vit-l-14@336px": "ViT-L/14@336px", "openai/clip-vit-large-patch14-336": "ViT-L/14@336px",
+}
+# Keys some formats carry that are not weights (OpenAI JIT scalars, open_clip's mask buffer).
+_IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+
+
+def cache_dir() -> Path:
+    """The vlprompt cache folder: ``$VLPROMPT_CACHE`` or ``~/.cache/vlprompt``."""
+    return Path(os.environ.get("VLPROMPT_CACHE", Path.home() / ".cache" / "vlprompt")).expanduser()
+
+
+def canonical_backbone_name(name: str) -> Optional[str]:
+    """``ViT-B-16`` / ``openai/clip-vit-base-patch16`` / ``vit-b/16`` -> ``ViT-B/16``; else None."""
+    if name in OPENAI_MODELS:
+        return name
+    key = name.lower().strip()
+    key = re.sub(r"^openai[:/]", "", key) if not key.startswith("openai/clip") else key
+    return _ALIASES.get(key)
+
+
+def resolve_backbone(name_or_path: Union[str, os.PathLike], download: bool = True) -> Path:
+    """A local file or folder for a backbone name or path.
+
+    Paths are used as they are. Named backbones are looked up in the cache folder and, if absent,
+    downloaded (SHA-256 checked) when ``download`` and the network allow; otherwise a
+    ``FileNotFoundError`` names the URL and the exact place to put the file.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = canonical_backbone_name(str(name_or_path))
+    if name is None:
+        known = ", ".join(OPENAI_MODELS)
+        raise FileNotFoundError(f"backbone {str(name_or_path)!r} is neither an existing file or folder "
+                                f"nor a known name ({known})")
+    filename, sha = OPENAI_MODELS[name]
+    target = cache_dir() / filename
+    if target.exists():
+        return target
+    url = _OPENAI_URL.format(sha=sha, file=filename)
+    if download:
+        try:
+            _download(url, target, sha)
+            return target
+        except OSError as err:
+            reason = f"download failed ({err})"
+    else:
+        reason = "downloads are disabled"
+    raise FileNotFoundError(
+        f"{name} weights are not in the cache and {reason}. Fetch {url} on a machine with "
+        f"network access and put it at {target} (or set VLPROMPT_CACHE, or pass the file path).")
+
+
+def _download(url: str, target: Path, sha256: str) -> None:
+    """Download to a temporary file, check SHA-256, then move into place (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("downloading %s -> %s", url, target)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise OSError(f"SHA-256 mismatch for {url}: got {digest.hexdigest()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- reading formats
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _unwrap(obj) -> dict:
+    """Find the state dict inside a training checkpoint and strip DDP's ``module.`` prefix."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError("no tensor state dict found (expected a dict of tensors, possibly under "
+                         "'state_dict' or 'model')")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Tensor], dict]:
+    """Read weights from any supported format: (OpenAI-layout state dict, metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_hf_folder(path)
+    meta: dict = {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        elif _is_torchscript(path):
+            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        else:
+            state = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read CLIP weights ({err}). Expected an OpenAI TorchScript "
+                         f"archive, a state dict (.pt/.pth/.bin/.safetensors) or a Hugging Face "
+                         f"CLIPModel folder.") from err
+    if "vlprompt_config" in meta:
+        meta = json.loads(meta["vlprompt_config"])
+    if any(k.startswith(("text_model.", "vision_model.")) for k in state):
+        state = convert_hf_state_dict(state)
+    return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}, meta
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict[str, Tensor], dict]:
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{folder}: a Hugging Face CLIPModel folder needs config.json")
+    hf = json.loads(config_file.read_text())
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).exists():
+            weights = folder / name
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    else:
+        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
+    meta = {"text_heads": text.get("num_attention_heads", 8),
+            "vision_heads": vision.get("num_attention_heads", 12),
+            "activation": "quick_gelu" if text.get("hidden_act", "quick_gelu") == "quick_gelu" else "gelu"}
+    return convert_hf_state_dict(state), meta
+
+
+def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face ``CLIPModel`` keys -> OpenAI keys (q/k/v fused, projections transposed)."""
+    out: dict[str, Tensor] = {}
+    towers = {"text_model.encoder.layers.": "transformer.resblocks.",
+              "vision_model.encoder.layers.": "visual.transformer.resblocks."}
+    direct = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+        "vision_model.embeddings.class_embedding": "visual.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+        "logit_scale": "logit_scale",
+    }
+    block = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+             "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+    qkv: dict[str, dict[str, Tensor]] = {}
+    for key, value in hf.items():
+        if key in direct:
+            out[direct[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.t().contiguous()
+        elif key == "visual_projection.weight":
+            out["visual.proj"] = value.t().contiguous()
+        elif key.endswith("position_ids"):
+            continue
+        else:
+            for hf_prefix, prefix in towers.items():
+                if key.startswith(hf_prefix):
+                    index, rest = key[len(hf_prefix):].split(".", 1)
+                    m = re.match(r"self_attn\.([qkv])_proj\.(weight|bias)$", rest)
+                    if m:
+                        qkv.setdefault(f"{prefix}{index}.attn.in_proj_{m.group(2)}", {})[m.group(1)] = value
+                    else:
+                        for a, b in block.items():
+                            if rest.startswith(a + "."):
+                                out[f"{prefix}{index}.{b}{rest[len(a):]}"] = value
+                                break
+                        else:
+                            out[key] = value  # reported as unexpected later
+                    break
+            else:
+                out[key] = value
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def infer_config(state: dict[str, Tensor], meta: Optional[dict] = None) -> CLIPConfig:
+    """Architecture from tensor shapes (the OpenAI rule: heads = width // 64), overridden by
+    metadata when the file carries it."""
+    meta = dict(meta or {})
+    required = ["visual.conv1.weight", "visual.positional_embedding", "text_projection",
+                "token_embedding.weight", "positional_embedding", "ln_final.weight"]
+    missing = [k for k in required if k not in state]
+    if missing:
+        hint = " (ResNet CLIPs are not supported)" if any("attnpool" in k for k in state) else ""
+        raise ValueError(f"not a CLIP ViT checkpoint{hint}: missing {', '.join(missing)}")
+
+    def count(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return len({m.group(1) for k in state if (m := pattern.match(k))})
+
+    vision_width, _, patch, _ = state["visual.conv1.weight"].shape
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = state["ln_final.weight"].shape[0]
+    config = CLIPConfig(
+        embed_dim=state["text_projection"].shape[1],
+        image_size=patch * grid,
+        patch_size=patch,
+        vision_width=vision_width,
+        vision_layers=count("visual.transformer.resblocks."),
+        vision_heads=max(1, vision_width // 64),
+        context_length=state["positional_embedding"].shape[0],
+        vocab_size=state["token_embedding.weight"].shape[0],
+        text_width=text_width,
+        text_layers=count("transformer.resblocks."),
+        text_heads=max(1, text_width // 64),
+    )
+    fields = set(config.to_dict())
+    for key, value in meta.items():
+        if key in fields:
+            setattr(config, key, type(getattr(config, key))(value))
+    return config
+
+
+def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
+              dtype: Optional[torch.dtype] = None, activation: Optional[str] = None,
+              download: bool = True) -> CLIP:
+    """Load a CLIP ViT from a name (``ViT-B/16``), a file or a Hugging Face folder.
+
+    The model is returned frozen (``requires_grad=False``) and in eval mode. Weights are kept in
+    fp32 unless ``dtype`` says otherwise (OpenAI archives are fp16; vlprompt's reference semantics
+    are fp32, and GPU runs use autocast). A file that is not a CLIP, or that lacks tensors, raises
+    ``ValueError`` listing the missing and unexpected keys: never a silent half-load.
+    """
+    path = resolve_backbone(name_or_path, download=download)
+    state, meta = read_checkpoint(path)
+    if activation:
+        meta["activation"] = activation
+    config = infer_config(state, meta)
+    model = CLIP(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match a CLIP ViT of the inferred architecture "
+                         f"({config}). Missing keys ({len(missing)}): {missing[:10]}; unexpected "
+                         f"keys ({len(unexpected)}): {unexpected[:10]}")
+    for key, tensor in state.items():
+        target = model.state_dict()[key]
+        if tensor.shape != target.shape:
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(target.shape)} for the inferred architecture")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.source = str(path)  # recorded in checkpoints / results
+    model.backbone_name = canonical_backbone_name(str(name_or_path)) or str(name_or_path)
+    model.requires_grad_(False).eval()
+    return model.to(device=device, dtype=dtype or torch.float32)
+
+
+def save_clip(model: CLIP, path: Union[str, os.PathLike]) -> Path:
+    """Save in the OpenAI key layout: ``.safetensors`` (architecture in the metadata, so
+    non-standard head counts or GELU load back exactly) or a ``.pt`` state dict. Atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, tmp, metadata={"vlprompt_config": json.dumps(model.config.to_dict())})
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def state_checksum(model: torch.nn.Module) -> str:
+    """Cheap fingerprint of a model's weights (a few statistics per tensor, hashed): used to tell
+    backbones apart in checkpoints and to verify the frozen CLIP is unchanged after training."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().float().flatten()
+            stats = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum(),
+                                 flat[:: max(1, flat.numel() // 97)].sum()])
+            h.update(name.encode())
+            h.update(stats.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+

@@ -1,0 +1,126 @@
+"""The Method interface every prompt-learning method implements (DESIGN.md, "Methods").
+
+A method owns its learnable tensors and computes logits and its loss. It knows nothing about data
+loading, optimisers, devices, logging or distributed training: the engine does those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..clip.model import CLIP
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Fields every method has. Subclasses add theirs; defaults are the paper's settings."""
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``description`` and ``Config``, and implement
+    ``forward`` (and ``loss`` when there are terms beyond cross-entropy).
+
+    The CLIP is frozen once, here, and shared; it is never modified in place and never saved.
+    Trainability is structural: every parameter of the method outside ``self.clip`` is trained.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+    #: whether the method has anything to train (zero-shot CLIP has not)
+    trainable: ClassVar[bool] = True
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any = None,
+                 template: Optional[str] = None):
+        super().__init__()
+        clip.requires_grad_(False)
+        clip.eval()
+        self.clip = clip
+        self.config = config if config is not None else self.Config()
+        self.template = template or "a photo of a {}."
+        self.classnames = [c.replace("_", " ") for c in classnames]
+
+    # ------------------------------------------------------------------ interface
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch the classifier to other classes (base -> new, cross-dataset)."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits [B, C] over the current class names."""
+        raise NotImplementedError
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Total training loss and its named parts (for logging). Default: cross-entropy."""
+        ce = F.cross_entropy(self(images), labels)
+        return ce, {"ce": float(ce.detach())}
+
+    # ------------------------------------------------------------------ engine hooks
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone always stays in eval mode
+        return self
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith("clip.")}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups; override for per-group learning rates."""
+        return [{"params": list(self.named_trainable_parameters().values()), "lr": lr}]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint holds: the trainable tensors (plus ``extra_state_tensors``)."""
+        state = {n: p.detach().clone() for n, p in self.named_trainable_parameters().items()}
+        state.update(self.extra_state_tensors())
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = self.named_trainable_parameters()
+        extra = self.extra_state_tensors()
+        expected = set(params) | set(extra)
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise KeyError(f"{self.name}: checkpoint does not match the method "
+                           f"(missing: {missing[:8]}, unexpected: {unexpected[:8]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.shape != state[n].shape:
+                    raise ValueError(f"{self.name}: tensor {n} has shape {tuple(state[n].shape)} "
+                                     f"in the checkpoint, {tuple(p.shape)} in the method")
+                p.copy_(state[n])
+        self.load_extra_state_tensors({k: state[k] for k in extra})
+
+    def extra_state_tensors(self) -> dict[str, Tensor]:
+        """Extra tensors a method must checkpoint (e.g. PromptSRC's running aggregate)."""
+        return {}
+
+    def load_extra_state_tensors(self, state: dict[str, Tensor]) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, max_epochs: int) -> None:
+        """Called by the engine after each training epoch (0-based)."""
+
+    def on_train_end(self) -> None:
+        """Called once after the last epoch, before final evaluation."""
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.named_trainable_parameters().values())
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        """CLIP logits: logit_scale.exp() * cos(image, text). [B, E] x [C, E] -> [B, C];
+        per-sample text features [B, C, E] give [B, C]."""
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        scale = self.clip.logit_scale.exp()
+        if text_features.dim() == 3:
+            return scale * torch.einsum("be,bce->bc", image_features, text_features)
+        return scale * image_features @ text_features.t()

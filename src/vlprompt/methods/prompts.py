@@ -1,0 +1,131 @@
+"""Text-prompt construction shared by the CoOp family (CoOp, CoCoOp, KgCoOp, MaPLe, IVLP,
+PromptSRC, ...), and the frozen hand-crafted text features used as zero-shot classifiers and as
+teachers. One implementation, so no method re-implements CoOp's ``PromptLearner``.
+
+Prompt string = ``prefix + " " + classname + "."``, where ``prefix`` is ``ctx_init`` or ``M``
+placeholder words. Positions ``1 .. M`` (after SOT) hold the learned context; everything else
+(class tokens, ".", EOT) is fixed and kept as non-persistent buffers (METHODS.md §1.5).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..clip.model import CLIP
+from ..clip.tokenizer import encode, tokenize
+
+
+class TextPrompts(nn.Module):
+    """Fixed token embeddings around ``n_ctx`` learnable context positions, for a class list.
+
+    ``class_position``: "end" (``[SOT][ctx][class].[EOT]``), "middle" (class between the two
+    halves of the context) or "front" (``[SOT][class][ctx].[EOT]``); "middle"/"front" require a
+    placeholder prefix (no ``ctx_init``), as in CoOp.
+    """
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], n_ctx: int,
+                 ctx_init: Optional[str] = None, class_position: str = "end"):
+        super().__init__()
+        if class_position not in ("end", "middle", "front"):
+            raise ValueError(f"class_position must be end, middle or front, got {class_position!r}")
+        if ctx_init and class_position != "end":
+            raise ValueError("ctx_init is only supported with class_position='end'")
+        if ctx_init and len(encode(ctx_init)) < n_ctx:
+            raise ValueError(f"ctx_init {ctx_init!r} has fewer than n_ctx={n_ctx} tokens")
+        self.clip = [clip]  # a list, so the frozen CLIP is not registered as a submodule twice
+        self.n_ctx = n_ctx
+        self.ctx_init = ctx_init
+        self.class_position = class_position
+        self.set_classnames(classnames)
+
+    @property
+    def num_classes(self) -> int:
+        return self.tokens.shape[0]
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        clip = self.clip[0]
+        names = [c.replace("_", " ") for c in classnames]
+        prefix = self.ctx_init or " ".join(["X"] * self.n_ctx)
+        tokens = tokenize([f"{prefix} {name}." for name in names], clip.context_length)
+        device = clip.logit_scale.device
+        with torch.no_grad():
+            embeddings = clip.embed_tokens(tokens.to(device))  # [C, L, D]
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.name_lens = [len(encode(n)) for n in names]
+
+    def init_context(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Initial context [n_ctx, D]: the word embeddings of ``ctx_init`` or N(0, 0.02^2)."""
+        clip = self.clip[0]
+        if self.ctx_init:
+            tokens = tokenize([self.ctx_init], clip.context_length).to(clip.logit_scale.device)
+            with torch.no_grad():
+                return clip.embed_tokens(tokens)[0, 1: 1 + self.n_ctx].clone().float()
+        return torch.randn(self.n_ctx, clip.text_width, generator=generator) * 0.02
+
+    @property
+    def eot_indices(self) -> Tensor:
+        return self.tokens.argmax(dim=-1)
+
+    def assemble(self, ctx: Tensor) -> Tensor:
+        """Insert the context into every class prompt.
+
+        ctx: [M, D] shared, or [C, M, D] class-specific. Returns embeddings [C, L, D].
+        """
+        emb = self.embeddings
+        C, M = emb.shape[0], self.n_ctx
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(C, -1, -1)
+        ctx = ctx.to(emb.dtype)
+        prefix, rest = emb[:, :1], emb[:, 1 + M:]  # [C, 1, D], [C, L-1-M, D]
+        if self.class_position == "end":
+            return torch.cat([prefix, ctx, rest], dim=1)
+        rows = []
+        half = M // 2
+        for c in range(C):
+            n = self.name_lens[c]
+            name, tail = rest[c: c + 1, :n], rest[c: c + 1, n:]
+            if self.class_position == "middle":
+                parts = [prefix[c: c + 1], ctx[c: c + 1, :half], name, ctx[c: c + 1, half:], tail]
+            else:  # front
+                parts = [prefix[c: c + 1], name, ctx[c: c + 1], tail]
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def assemble_per_sample(self, ctx: Tensor) -> Tensor:
+        """Per-image context [B, M, D] -> embeddings [B, C, L, D] (class position "end")."""
+        B, M, D = ctx.shape
+        emb = self.embeddings
+        C = emb.shape[0]
+        prefix = emb[:, :1].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, 1, D]
+        rest = emb[:, 1 + M:].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, L-1-M, D]
+        ctx = ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)  # [B, C, M, D]
+        return torch.cat([prefix, ctx, rest], dim=2)
+
+
+@torch.no_grad()
+def hand_crafted_text_features(clip: CLIP, classnames: Sequence[str], templates: Sequence[str],
+                               normalize_each: bool = True, batch_size: int = 256) -> Tensor:
+    """Frozen text features of hand-crafted prompts, averaged over templates: [C, E], normalised.
+
+    ``normalize_each``: normalise each template's features before averaging (CLIP's ensembling);
+    False averages the raw features (PromptSRC's teacher), which are normalised at the end.
+    """
+    names = [c.replace("_", " ") for c in classnames]
+    device = clip.logit_scale.device
+    total = None
+    for template in templates:
+        texts = [template.format(n) for n in names]
+        feats = []
+        for i in range(0, len(texts), batch_size):
+            tokens = tokenize(texts[i: i + batch_size], clip.context_length).to(device)
+            feats.append(clip.encode_text(tokens).float())
+        f = torch.cat(feats)  # [C, E]
+        if normalize_each:
+            f = F.normalize(f, dim=-1)
+        total = f if total is None else total + f
+    return F.normalize(total / len(templates), dim=-1)
