@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 import urllib.request
@@ -152,7 +153,8 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Tensor], d
             state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         else:
             state = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as err:
         raise ValueError(f"{path}: cannot read CLIP weights ({err}). Expected an OpenAI TorchScript "
                          f"archive, a state dict (.pt/.pth/.bin/.safetensors) or a Hugging Face "
                          f"CLIPModel folder.") from err

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
 from ..clip.tokenizer import encode, tokenize
+from ..clip.zeroshot import hand_crafted_text_features  # noqa: F401  (re-exported for methods)
 
 
 class TextPrompts(nn.Module):
@@ -105,27 +105,3 @@ class TextPrompts(nn.Module):
         rest = emb[:, 1 + M:].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, L-1-M, D]
         ctx = ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)  # [B, C, M, D]
         return torch.cat([prefix, ctx, rest], dim=2)
-
-
-@torch.no_grad()
-def hand_crafted_text_features(clip: CLIP, classnames: Sequence[str], templates: Sequence[str],
-                               normalize_each: bool = True, batch_size: int = 256) -> Tensor:
-    """Frozen text features of hand-crafted prompts, averaged over templates: [C, E], normalised.
-
-    ``normalize_each``: normalise each template's features before averaging (CLIP's ensembling);
-    False averages the raw features (PromptSRC's teacher), which are normalised at the end.
-    """
-    names = [c.replace("_", " ") for c in classnames]
-    device = clip.logit_scale.device
-    total = None
-    for template in templates:
-        texts = [template.format(n) for n in names]
-        feats = []
-        for i in range(0, len(texts), batch_size):
-            tokens = tokenize(texts[i: i + batch_size], clip.context_length).to(device)
-            feats.append(clip.encode_text(tokens).float())
-        f = torch.cat(feats)  # [C, E]
-        if normalize_each:
-            f = F.normalize(f, dim=-1)
-        total = f if total is None else total + f
-    return F.normalize(total / len(templates), dim=-1)

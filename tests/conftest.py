@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny randomly initialised CLIPs (the real 49408-token vocabulary)."""
+
+import pytest
+import torch
+
+from vlprompt.clip.model import CLIPConfig, build_clip
+
+# width 128 / 2 heads follows OpenAI's heads = width // 64 rule, so the model also round-trips
+# through formats that carry no architecture metadata (.pt state dicts, TorchScript).
+TINY = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=128, vision_layers=2,
+            vision_heads=2, text_width=128, text_layers=2, text_heads=2)
+
+
+@pytest.fixture
+def tiny_config() -> CLIPConfig:
+    return CLIPConfig(**TINY)
+
+
+@pytest.fixture
+def tiny_clip(tiny_config):
+    torch.manual_seed(0)
+    return build_clip(tiny_config).eval().requires_grad_(False)
