@@ -1,5 +1,77 @@
-"""``vlprompt predict`` (zero-shot with a backbone)."""
+"""``vlprompt predict``: top-5 classes for images, zero-shot with a backbone or with a trained
+run's learned prompts (``--checkpoint``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("predict", help="classify images zero-shot or with learned prompts",
+                       description="Print the top-5 classes with probabilities for each image.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--backbone", help="CLIP name (ViT-B/16, ...) or weights file/folder")
+    source.add_argument("--checkpoint", help="a trained run folder (learned prompts)")
+    p.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog,car" '
+                   "(optional with --checkpoint: defaults to the run's classes)")
+    p.add_argument("--template", default="a photo of a {}.",
+                   help="hand-crafted prompt for zero-shot (default: %(default)r)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=_predict)
+
+
+def _parse_classes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if len(classes) < 2:
+        raise ValueError("--classes needs at least two comma-separated class names")
+    return classes
+
+
+def _check_images(images: Sequence[str]) -> list[Path]:
+    paths = [Path(i) for i in images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}")
+    return paths
+
+
+def _print_predictions(paths, probs, indices, classnames) -> None:
+    for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
+        print(path)
+        for p, i in zip(p_row, i_row):
+            print(f"  {100 * p:6.2f}%  {classnames[i]}")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    paths = _check_images(args.images)
+    classes = _parse_classes(args.classes)
+    if args.checkpoint:
+        from ..engine import predict_with_checkpoint
+
+        probs, indices, classnames = predict_with_checkpoint(args.checkpoint, paths, classes,
+                                                             topk=args.topk, device=args.device)
+        _print_predictions(paths, probs, indices, classnames)
+        return 0
+    if classes is None:
+        raise ValueError("--classes is required with --backbone")
+    if "{}" not in args.template:
+        raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
+    import torch
+
+    from ..data import build_transform
+    from .load import load_clip
+    from .zeroshot import ZeroShotClassifier
+
+    clip = load_clip(args.backbone, device=args.device)
+    classifier = ZeroShotClassifier(clip, classes, args.template)
+    transform = build_transform(train=False, image_size=clip.image_size)
+    images = torch.stack([transform(str(p)) for p in paths]).to(args.device)
+    probs, indices = classifier.predict(images, topk=args.topk)
+    _print_predictions(paths, probs, indices, classifier.classnames)
+    return 0
