@@ -88,3 +88,26 @@ def test_base_new_uses_label_ids_not_names(tmp_path):
     new = load_split("eurosat", root, subsample="new")
     assert all(new.classnames[r.label] == r.classname for r in new.test)
     assert new.classnames[0] == "Pasture Land"
+
+
+def test_new_json_dataset_is_a_few_lines(tmp_path, monkeypatch):
+    from vlprompt.data import JsonSplitDataset, base, get_dataset, register_dataset
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # leave the registry as found
+
+    @register_dataset
+    class ToyTest(JsonSplitDataset):
+        name = "toy_test_only"
+        folder = "toy"
+        image_dir = "images"
+        split_file = "split_toy.json"
+        template = "a toy {}."
+        num_classes = 3
+
+    assert get_dataset("toy_test_only") is ToyTest
+    write_dataset(tmp_path, "toy_test_only", num_classes=3, images_per_class=4, image_size=8)
+    assert (tmp_path / "toy" / "split_toy.json").is_file()
+    split = load_split("toy_test_only", tmp_path, subsample="new")
+    assert split.classnames == ["class 002"] and split.template == "a toy {}."
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(type("Clash", (JsonSplitDataset,), {"name": "eurosat", "folder": "x"}))
