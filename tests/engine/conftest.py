@@ -12,8 +12,6 @@ torch.set_num_threads(1)
 
 TINY = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
             vision_heads=2, text_width=64, text_layers=2, text_heads=2)
-# fast settings for every run in these tests
-FAST = ["num_workers=0", "print_freq=100"]
 
 
 @pytest.fixture(scope="session")

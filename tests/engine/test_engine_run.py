@@ -7,11 +7,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST, TINY
-from vlprompt.clip.model import CLIPConfig, build_clip
+from vlprompt.clip.model import build_clip
 from vlprompt.engine import evaluate_run, predict_with_checkpoint, run_experiment
 from vlprompt.engine.checkpoint import read_tensors
 
+FAST = ["num_workers=0", "print_freq=100"]
 COOP = ["max_epoch=10", "batch_size=8", *FAST]
 
 
@@ -38,7 +38,7 @@ def test_coop_learns_the_base_classes(trained):
         assert entry["accuracy"] > 35.0, (seed, entry["accuracy"])  # chance: 20%
 
 
-def test_results_file_log_and_checkpoint(trained):
+def test_results_file_log_and_checkpoint(world, trained):
     run_dir, results = trained[1]
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
@@ -46,7 +46,7 @@ def test_results_file_log_and_checkpoint(trained):
                 "shots", "seed", "subsample", "config", "num_trainable_params", "train",
                 "evaluations", "versions"):
         assert key in results, key
-    assert results["num_trainable_params"] == 16 * TINY["text_width"]
+    assert results["num_trainable_params"] == 16 * world.clip.text_width
     assert results["config"]["method"]["n_ctx"] == 16 and results["config"]["train"]["max_epoch"] == 10
     entry = results["evaluations"]["eurosat/base"]
     assert set(entry["per_class_accuracy"]) == set(entry["classnames"]) and len(entry["classnames"]) == 5
@@ -129,7 +129,7 @@ def test_zeroshot_run_and_other_backbone_refused(world, tmp_path, trained):
     entry = evaluate_run(tmp_path / "zs", "eurosat", world.data, subsample="new", clip=world.clip)
     assert entry["num_images"] == 25
     torch.manual_seed(123)
-    other = build_clip(CLIPConfig(**TINY))
+    other = build_clip(world.clip.config)
     with pytest.raises(ValueError, match="trained on backbone .* different backbone"):
         evaluate_run(trained[1][0], "eurosat", world.data, subsample="new", clip=other)
 
