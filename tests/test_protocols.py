@@ -40,6 +40,12 @@ class FakeEngine:
                        subsample="all", protocol=None, config_file=None, overrides=(),
                        resume=True, force=False, device=None, clip=None):
         assert clip is not None, "the runner must pass its loaded CLIP"
+        path = Path(run_dir) / "results.json"
+        if path.exists() and not force:  # the engine returns a finished run as it is
+            results = json.loads(path.read_text())
+            if results["train"]["finished"] and f"{dataset}/{subsample}" in results["evaluations"]:
+                self.calls.append(("skip", str(run_dir)))
+                return results
         self.calls.append(("train", str(run_dir), dataset, shots, seed, subsample, protocol,
                            tuple(overrides), force))
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,7 @@ class FakeEngine:
         results = json.loads(path.read_text())
         results["evaluations"][f"{dataset}/{subsample}"] = {"accuracy": 40.0}
         self._write(run_dir, results)
-        return results
+        return results["evaluations"][f"{dataset}/{subsample}"]
 
 
 @pytest.fixture
@@ -68,6 +74,7 @@ def engine(monkeypatch):
     fake = FakeEngine()
     module = types.ModuleType("vlprompt.engine")
     module.run_experiment, module.evaluate_run = fake.run_experiment, fake.evaluate_run
+    module.distributed = types.SimpleNamespace(default_device=lambda d: d or "cpu")
     monkeypatch.setitem(sys.modules, "vlprompt.engine", module)
     monkeypatch.setattr(vlprompt, "engine", module, raising=False)
     return fake
@@ -142,7 +149,7 @@ def test_base2new_runs_then_skips(tmp_path, engine, caplog):
     engine.calls.clear()
     caplog.clear()
     run(tmp_path, "base2new")
-    assert engine.calls == []
+    assert engine.calls == [("skip", str(d)) for d in dirs]  # no training, no evaluation
     assert caplog.text.count("skipped (finished") == 2
 
 
@@ -159,8 +166,8 @@ def test_missing_evaluation_only_evaluates_and_unfinished_resumes(tmp_path, engi
 
     engine.calls.clear()
     run(tmp_path, "base2new")
-    assert [c[:2] for c in engine.calls] == [("eval", str(dirs[0])), ("train", str(dirs[1])),
-                                             ("eval", str(dirs[1]))]
+    assert [c[:2] for c in engine.calls] == [("skip", str(dirs[0])), ("eval", str(dirs[0])),
+                                             ("train", str(dirs[1])), ("eval", str(dirs[1]))]
     assert "seed=1 (base): evaluating" in caplog.text
     assert "seed=2 (base): resuming" in caplog.text
 
@@ -189,7 +196,8 @@ def test_dg_after_xd_only_evaluates(tmp_path, engine):
     assert engine.calls[0][2:7] == ("imagenet", 16, 1, "all", "xd")
     engine.calls.clear()
     run(tmp_path, "dg", datasets="all", seeds="1")
-    assert [(c[0], c[2]) for c in engine.calls] == [("eval", d) for d in DG_TARGETS]
+    assert [c[0] for c in engine.calls] == ["skip"] + ["eval"] * 4
+    assert [c[2] for c in engine.calls[1:]] == list(DG_TARGETS)
     results = json.loads((tmp_path / "out/xd/coop/imagenet/shots_16/seed1/results.json").read_text())
     assert len(results["evaluations"]) == 1 + 2 + 4
 
@@ -213,7 +221,7 @@ def test_stale_results_of_another_backbone_are_refused(tmp_path, engine):
     path.write_text(json.dumps(results))
     engine.calls.clear()
     run(tmp_path, "fewshot", shots="1", seeds="1", clip=clip)
-    assert engine.calls == []
+    assert [c[0] for c in engine.calls] == ["skip"]
 
 
 def test_run_command_passes_trailing_overrides(tmp_path, engine, monkeypatch, capsys):

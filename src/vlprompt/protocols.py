@@ -204,14 +204,6 @@ def run_state(run: PlannedRun, results: Optional[dict]) -> tuple[str, list[tuple
     return ("evaluate" if missing else "done"), missing
 
 
-def _default_device(device):
-    if device is not None:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]],
                  seeds: Union[str, Sequence[int]], root: PathLike, backbone: Union[str, PathLike],
                  output: PathLike = "output", shots: Union[None, int, str, Sequence[int]] = None,
@@ -226,9 +218,10 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
     """
     runs = plan_protocol(protocol, method, datasets, seeds, output, shots, source=source)
     from . import engine
+    from .engine import distributed  # noqa: F401  (engine.distributed.default_device)
     from .clip.load import load_clip, state_checksum
 
-    device = _default_device(device)
+    device = engine.distributed.default_device(None if device is None else str(device))
     if clip is None:
         logger.info("loading backbone %s on %s", backbone, device)
         clip = load_clip(backbone, device=device)
@@ -239,32 +232,34 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
         tag = f"[{n}/{total}] {run.describe()}"
         results = None if force else read_results(run.run_dir)
         if results is not None and results.get("backbone_checksum"):
+            # the engine returns a finished run without loading its checkpoint, so a stale
+            # result of another backbone would otherwise be reported as this one's
             checksum = checksum or state_checksum(clip)
             if results["backbone_checksum"] != checksum:
                 raise ValueError(
                     f"{run.run_dir} holds results of another backbone "
                     f"({results.get('backbone')!r}, checksum {results['backbone_checksum']}) "
                     f"than {str(backbone)!r} (checksum {checksum}); use another --output or --force")
-        state, missing = ("new", list(run.evaluations)) if force else run_state(run, results)
-        if state == "done":
-            logger.info("%s: skipped (finished, %s present)", tag, ", ".join(run.evaluation_keys))
-            continue
-        logger.info("%s: %s -> %s", tag, {"new": "training", "resume": "resuming",
-                                          "evaluate": "evaluating"}[state], run.run_dir)
-        if state in ("new", "resume"):
-            results = engine.run_experiment(
-                run.method, run.dataset, root, backbone, run.run_dir, shots=run.shots,
-                seed=run.seed, subsample=run.subsample, protocol=run.protocol,
-                config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
-                device=device, clip=clip)
-            have = results.get("evaluations", {})
-            missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
+        state = "new" if force else run_state(run, results)[0]
+        logger.info("%s: %s", tag, {"new": "training", "resume": "resuming",
+                                    "evaluate": "evaluating", "done": "skipped (finished; "
+                                    + ", ".join(run.evaluation_keys) + " present)"}[state])
+        # Always through run_experiment: it returns a finished run at once, but first checks that
+        # the run folder's config is the one asked for (else a changed override would be ignored).
+        results = engine.run_experiment(
+            run.method, run.dataset, root, backbone, run.run_dir, shots=run.shots,
+            seed=run.seed, subsample=run.subsample, protocol=run.protocol,
+            config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
+            device=device, clip=clip)
+        have = results.get("evaluations", {})
+        missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
         for dataset, subsample in missing:
             logger.info("%s: evaluating on %s/%s", tag, dataset, subsample)
-            results = engine.evaluate_run(run.run_dir, dataset, root, subsample=subsample,
-                                          device=device, clip=clip)
-        acc = {k: v.get("accuracy") for k, v in (results or {}).get("evaluations", {}).items()
-               if k in run.evaluation_keys}
-        logger.info("%s: done (%s)", tag,
-                    ", ".join(f"{k} {v:.2f}%" for k, v in acc.items() if v is not None))
+            engine.evaluate_run(run.run_dir, dataset, root, subsample=subsample, device=device,
+                                clip=clip)
+        if state != "done":
+            evaluations = (read_results(run.run_dir) or {}).get("evaluations", {})
+            logger.info("%s: done (%s)", tag, ", ".join(
+                f"{k} {evaluations[k]['accuracy']:.2f}%" for k in run.evaluation_keys
+                if evaluations.get(k, {}).get("accuracy") is not None))
     return [run.run_dir for run in runs]
