@@ -74,7 +74,9 @@ def engine(monkeypatch):
     fake = FakeEngine()
     module = types.ModuleType("vlprompt.engine")
     module.run_experiment, module.evaluate_run = fake.run_experiment, fake.evaluate_run
-    module.distributed = types.SimpleNamespace(default_device=lambda d: d or "cpu")
+    module.distributed = types.SimpleNamespace(default_device=lambda d: d or "cpu",
+                                              is_main=lambda: True,
+                                              init_distributed=lambda d: False)
     monkeypatch.setitem(sys.modules, "vlprompt.engine", module)
     monkeypatch.setattr(vlprompt, "engine", module, raising=False)
     return fake

@@ -221,13 +221,16 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
     from .engine import distributed  # noqa: F401  (engine.distributed.default_device)
     from .clip.load import load_clip, state_checksum
 
+    engine.distributed.init_distributed(None if device is None else str(device))
     device = engine.distributed.default_device(None if device is None else str(device))
+    # under torchrun every rank walks the same plan (the engine splits the work); one logs it
+    log = logger.info if engine.distributed.is_main() else logger.debug
     if clip is None:
-        logger.info("loading backbone %s on %s", backbone, device)
+        log("loading backbone %s on %s", backbone, device)
         clip = load_clip(backbone, device=device)
     checksum: Optional[str] = None
     total = len(runs)
-    logger.info("%s / %s: %d run(s) under %s", protocol, method, total, output)
+    log("%s / %s: %d run(s) under %s", protocol, method, total, output)
     for n, run in enumerate(runs, 1):
         tag = f"[{n}/{total}] {run.describe()}"
         results = None if force else read_results(run.run_dir)
@@ -241,7 +244,7 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
                     f"({results.get('backbone')!r}, checksum {results['backbone_checksum']}) "
                     f"than {str(backbone)!r} (checksum {checksum}); use another --output or --force")
         state = "new" if force else run_state(run, results)[0]
-        logger.info("%s: %s", tag, {"new": "training", "resume": "resuming",
+        log("%s: %s", tag, {"new": "training", "resume": "resuming",
                                     "evaluate": "evaluating", "done": "skipped (finished; "
                                     + ", ".join(run.evaluation_keys) + " present)"}[state])
         # Always through run_experiment: it returns a finished run at once, but first checks that
@@ -254,12 +257,12 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
         have = results.get("evaluations", {})
         missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
         for dataset, subsample in missing:
-            logger.info("%s: evaluating on %s/%s", tag, dataset, subsample)
+            log("%s: evaluating on %s/%s", tag, dataset, subsample)
             engine.evaluate_run(run.run_dir, dataset, root, subsample=subsample, device=device,
                                 clip=clip)
         if state != "done":
             evaluations = (read_results(run.run_dir) or {}).get("evaluations", {})
-            logger.info("%s: done (%s)", tag, ", ".join(
+            log("%s: done (%s)", tag, ", ".join(
                 f"{k} {evaluations[k]['accuracy']:.2f}%" for k in run.evaluation_keys
                 if evaluations.get(k, {}).get("accuracy") is not None))
     return [run.run_dir for run in runs]
