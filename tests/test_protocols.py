@@ -123,7 +123,8 @@ def test_plan_xd_and_dg_share_the_source_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (("fivefold", "coop", "all"), "unknown protocol 'fivefold'; valid protocols: base2new, fewshot, xd, dg"),
+    (("fivefold", "coop", "all"),
+     "unknown protocol 'fivefold'; valid protocols: base2new, fewshot, xd, dg"),
     (("base2new", "nope", "all"), "unknown method 'nope'; valid methods: coop, maple"),
     (("base2new", "coop", "dtd,imgnet"), "unknown dataset 'imgnet'; valid datasets: imagenet, "),
     (("xd", "coop", "imagenet,dtd"), "'imagenet' is the source dataset"),
@@ -178,11 +179,12 @@ def test_interrupted_run_is_resumed(tmp_path, engine):
     engine.fail_training = True
     with pytest.raises(RuntimeError, match="interrupted"):
         run(tmp_path, "fewshot", shots="1", seeds="1")
-    run_dir = plan_protocol("fewshot", "coop", "eurosat", "1", tmp_path / "out", shots=1)[0]
-    assert run_state(run_dir, json.loads((run_dir.run_dir / "results.json").read_text()))[0] == "resume"
+    planned = plan_protocol("fewshot", "coop", "eurosat", "1", tmp_path / "out", shots=1)[0]
+    results_file = planned.run_dir / "results.json"
+    assert run_state(planned, json.loads(results_file.read_text()))[0] == "resume"
     engine.fail_training = False
     run(tmp_path, "fewshot", shots="1", seeds="1")
-    assert run_state(run_dir, json.loads((run_dir.run_dir / "results.json").read_text())) == ("done", [])
+    assert run_state(planned, json.loads(results_file.read_text())) == ("done", [])
 
 
 def test_force_retrains(tmp_path, engine):
@@ -200,7 +202,8 @@ def test_dg_after_xd_only_evaluates(tmp_path, engine):
     run(tmp_path, "dg", datasets="all", seeds="1")
     assert [c[0] for c in engine.calls] == ["skip"] + ["eval"] * 4
     assert [c[2] for c in engine.calls[1:]] == list(DG_TARGETS)
-    results = json.loads((tmp_path / "out/xd/coop/imagenet/shots_16/seed1/results.json").read_text())
+    results_file = tmp_path / "out/xd/coop/imagenet/shots_16/seed1/results.json"
+    results = json.loads(results_file.read_text())
     assert len(results["evaluations"]) == 1 + 2 + 4
 
 

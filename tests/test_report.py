@@ -90,8 +90,9 @@ def test_base2new_average_matches_coop_paper_row(tmp_path):
 
 def test_hm_is_computed_from_seed_means(tmp_path):
     # per-seed HMs are 64.29 each; the HM of the means (70, 70) is 70
-    write_result(tmp_path, "base2new", "m", "dtd", 16, 1, "base", {"dtd/base": 90.0, "dtd/new": 50.0})
-    write_result(tmp_path, "base2new", "m", "dtd", 16, 2, "base", {"dtd/base": 50.0, "dtd/new": 90.0})
+    for seed, (base, new) in ((1, (90.0, 50.0)), (2, (50.0, 90.0))):
+        write_result(tmp_path, "base2new", "m", "dtd", 16, seed, "base",
+                     {"dtd/base": base, "dtd/new": new})
     write_result(tmp_path, "base2new", "m", "eurosat", 16, 1, "base",
                  {"eurosat/base": 80.0, "eurosat/new": 40.0})
     write_result(tmp_path, "base2new", "m", "eurosat", 16, 2, "base",
@@ -136,7 +137,8 @@ def test_fewshot_xd_dg_tables(tmp_path):
         accs.update({f"{d}/all": v for d, v in {**COOP_XD, **COOP_DG}.items()})
         write_result(tmp_path, "xd", "coop", "imagenet", 16, seed, "all", accs)
     md = report(tmp_path)
-    assert table_row(md, "Few-shot: coop", "dtd") == ["50.00 ± 2.00", "60.00 ± 2.00", "70.00 ± 2.00"]
+    assert table_row(md, "Few-shot: coop", "dtd") == ["50.00 ± 2.00", "60.00 ± 2.00",
+                                                      "70.00 ± 2.00"]
     assert table_row(md, "Few-shot: coop", "Average") == ["55.00", "65.00", "75.00"]
     xd = table_row(md, "Cross-dataset transfer", "coop")
     assert xd[0] == "71.51 ± 0.00" and xd[-1] == "63.88"  # METHODS §7.2 target average
@@ -166,7 +168,8 @@ def test_plots_written(tmp_path):
     coop_base2new_tree(runs)
     for seed in (1, 2):
         for k in (1, 2, 4):
-            write_result(runs, "fewshot", "coop", "dtd", k, seed, "all", {"dtd/all": 40.0 + k + seed})
+            write_result(runs, "fewshot", "coop", "dtd", k, seed, "all",
+                         {"dtd/all": 40.0 + k + seed})
     out = tmp_path / "report" / "tables.md"
     assert main(["report", str(runs), "--plot", "--output", str(out)]) == 0
     pngs = sorted(p.name for p in out.parent.glob("*.png"))
@@ -176,7 +179,8 @@ def test_plots_written(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert "### Few-shot: coop" in out.read_text()
     # two methods: an extra comparison table and chart
-    write_result(runs, "base2new", "cocoop", "dtd", 16, 1, "base", {"dtd/base": 77.0, "dtd/new": 56.0})
+    write_result(runs, "base2new", "cocoop", "dtd", 16, 1, "base",
+                 {"dtd/base": 77.0, "dtd/new": 56.0})
     written = write_plots(collect_results(runs), tmp_path / "p2")
     assert {p.name for p in written} >= {"base2new_cocoop.png", "base2new_averages.png"}
 
@@ -187,3 +191,22 @@ def test_report_cli_errors(tmp_path, capsys):
     write_result(tmp_path, "fewshot", "coop", "dtd", 1, 1, "all", {"dtd/all": 40.0})
     assert main(["report", str(tmp_path)]) == 0
     assert "| dtd | 40.00 |" in capsys.readouterr().out
+
+
+def test_method_summary_uneven_seeds_and_other_runs(tmp_path):
+    coop_base2new_tree(tmp_path)
+    write_result(tmp_path, "base2new", "cocoop", "dtd", 16, 1, "base",
+                 {"dtd/base": 77.0, "dtd/new": 56.0})
+    write_result(tmp_path, "base2new", "cocoop", "dtd", 16, 2, "base",
+                 {"dtd/base": 79.0, "dtd/new": 58.0})
+    write_result(tmp_path, "base2new", "cocoop", "dtd", 16, 3, "base", {"dtd/base": 78.0})
+    write_result(tmp_path, None, "zeroshot", "eurosat", 16, 1, "all", {"eurosat/all": 48.5})
+    md = report(tmp_path)
+    # New has 2 seeds where Base has 3: the cell says so
+    assert table_row(md, "Base-to-new: cocoop", "dtd") == [
+        "78.00 ± 0.82", "57.00 ± 1.00 (n=2)", f"{harmonic_mean(78.0, 57.0):.2f} (n=2)"]
+    # derived cells carry the smallest seed count behind them
+    assert table_row(md, "Base-to-new: averages", "coop (11 datasets)") == [
+        "82.69 (n=1)", "63.22 (n=1)", "71.66 (n=1)"]
+    assert table_row(md, "Base-to-new: averages", "cocoop (1 dataset)")[:2] == ["78.00", "57.00"]
+    assert table_row(md, "Other runs", "zeroshot eurosat/all 16-shot") == ["48.50"]

@@ -1,4 +1,4 @@
-"""The field's evaluation protocols as loops over ``engine.run_experiment`` / ``engine.evaluate_run``.
+"""The field's evaluation protocols as loops over the engine's ``run_experiment``/``evaluate_run``.
 
 Four protocols (METHODS.md §1.2, PROTOCOL.md §3-4):
 
@@ -183,7 +183,8 @@ def read_results(run_dir: PathLike) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it or rerun with --force") from None
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it or rerun with "
+                         f"--force") from None
 
 
 def run_state(run: PlannedRun, results: Optional[dict]) -> tuple[str, list[tuple[str, str]]]:
@@ -242,7 +243,8 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
                 raise ValueError(
                     f"{run.run_dir} holds results of another backbone "
                     f"({results.get('backbone')!r}, checksum {results['backbone_checksum']}) "
-                    f"than {str(backbone)!r} (checksum {checksum}); use another --output or --force")
+                    f"than {str(backbone)!r} (checksum {checksum}); use another --output or "
+                    f"--force")
         state = "new" if force else run_state(run, results)[0]
         log("%s: %s", tag, {"new": "training", "resume": "resuming",
                                     "evaluate": "evaluating", "done": "skipped (finished; "

@@ -237,7 +237,8 @@ def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
                                                       min(b.n, n.n))]))
         if bases:
             b, n = _mean_of(bases), _mean_of(news)
-            summary.append((f"{label} ({len(bases)} datasets)",
+            plural = "s" if len(bases) > 1 else ""
+            summary.append((f"{label} ({len(bases)} dataset{plural})",
                             [b, n, Stat(harmonic_mean(b.mean, n.mean), None, min(b.n, n.n))]))
         tables.append(table)
     if len(summary) > 1:
@@ -316,7 +317,7 @@ def dg_tables(records: Sequence[RunRecord]) -> list[Table]:
 
 
 def other_tables(records: Sequence[RunRecord]) -> list[Table]:
-    """Runs made outside a protocol (``vlprompt train``): every evaluation, mean ± std over seeds."""
+    """Runs made outside a protocol (``vlprompt train``): each evaluation, mean ± std over seeds."""
     recs = [r for r in records if r.protocol not in ("base2new", "fewshot", "xd", "dg")]
     if not recs:
         return []
