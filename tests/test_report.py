@@ -208,5 +208,6 @@ def test_method_summary_uneven_seeds_and_other_runs(tmp_path):
     # derived cells carry the smallest seed count behind them
     assert table_row(md, "Base-to-new: averages", "coop (11 datasets)") == [
         "82.69 (n=1)", "63.22 (n=1)", "71.66 (n=1)"]
-    assert table_row(md, "Base-to-new: averages", "cocoop (1 dataset)")[:2] == ["78.00", "57.00"]
+    assert table_row(md, "Base-to-new: averages", "cocoop (1 dataset)")[:2] == [
+        "78.00", "57.00 (n=2)"]
     assert table_row(md, "Other runs", "zeroshot eurosat/all 16-shot") == ["48.50"]
