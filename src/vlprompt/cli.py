@@ -17,6 +17,7 @@ from . import __version__
 COMMAND_MODULES = [
     "vlprompt.clip.commands",
     "vlprompt.data.commands",
+    "vlprompt.engine.commands",
     "vlprompt.protocol_commands",
 ]
 

@@ -121,6 +121,36 @@ def _merge(config: dict, update: dict, source: str, explicit: Optional[set] = No
                 explicit.add((section, key))
 
 
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Give ``value`` the type of the field's default (YAML reads ``1e-3`` as a string, and
+    ``ctx_init=1`` as a number)."""
+    if value is None or default is None:
+        return value
+    name = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(default, str):
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
 def parse_override(item: str, config: dict) -> tuple[str, str, Any]:
     """``"train.lr=0.01"`` / ``"n_ctx=4"`` -> (section, key, value parsed as YAML)."""
     if "=" not in item:
@@ -170,6 +200,10 @@ def resolve_config(method: str, protocol: Optional[str] = None,
         section, key, value = parse_override(item, config)
         config[section][key] = value
         explicit.add((section, key))
+    defaults = default_config(method)
+    for section in SECTIONS:
+        for key, value in config[section].items():
+            config[section][key] = _coerce(section, key, value, defaults[section][key])
     train = config["train"]
     if ("train", "max_epoch") not in explicit:
         by_dataset = train.get("dataset_epochs") or {}

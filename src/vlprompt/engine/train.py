@@ -88,7 +88,6 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch, loss_history, elapsed, finished = 0, [], 0.0, False
-    header = None
     if resume and run_dir is not None and (run_dir / ckpt.HEADER_FILE).exists():
         header = ckpt.load_checkpoint(run_dir, method)
         state = ckpt.load_training_state(run_dir)

@@ -81,8 +81,10 @@ class CoOp(Method):
         if self.training or torch.is_grad_enabled():
             self._cache = None
             return self.text_features()
-        key = (self.ctx._version, self.ctx.data_ptr(), self.ctx.device, id(self.prompts.tokens),
-               torch.is_autocast_enabled(self.ctx.device.type))
+        # the version counter catches optimiser steps and loads; the sum also catches edits
+        # made through ``.data``
+        key = (self.ctx._version, float(self.ctx.sum()), self.ctx.data_ptr(), self.ctx.device,
+               id(self.prompts.tokens), torch.is_autocast_enabled(self.ctx.device.type))
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.text_features())
         return self._cache[1]

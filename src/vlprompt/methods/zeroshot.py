@@ -14,40 +14,21 @@ from .base import Method
 from .prompts import hand_crafted_text_features
 from .registry import register_method
 
-# CoOp's ``IMAGENET_TEMPLATES_SELECT`` (METHODS.md §1.4), used when ``vlprompt.clip.templates``
-# does not provide the ensemble.
-_SELECT7 = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-            "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
 TEMPLATE_CHOICES = ("single", "select7", "imagenet80")
 
 
 def ensemble_templates(name: str, single: str) -> list[str]:
     """The prompt templates for ``name``: "single" (the dataset's template), "select7" (CoOp's
-    7-template ensemble) or "imagenet80" (CLIP's 80 ImageNet templates)."""
+    7-template ``IMAGENET_TEMPLATES_SELECT``) or "imagenet80" (CLIP's 80 ImageNet templates)."""
     if name == "single":
         return [single]
-    if name not in TEMPLATE_CHOICES:
-        raise ValueError(f"templates must be one of {', '.join(TEMPLATE_CHOICES)}, got {name!r}")
-    try:
-        from ..clip import templates as _templates  # provided by the data layer
-    except ImportError:
-        _templates = None
-    if _templates is not None:
-        getter = getattr(_templates, "get_templates", None)
-        if callable(getter):
-            try:
-                return list(getter(name))
-            except (KeyError, ValueError):
-                pass
-        for attr in {"select7": ("IMAGENET_TEMPLATES_SELECT", "SELECT7"),
-                     "imagenet80": ("IMAGENET_TEMPLATES_80", "IMAGENET_TEMPLATES", "IMAGENET80")}[name]:
-            value = getattr(_templates, attr, None)
-            if value:
-                return list(value)
+    from ..clip import templates
+
     if name == "select7":
-        return list(_SELECT7)
-    raise ValueError("templates='imagenet80' needs the ensemble in vlprompt.clip.templates, which this "
-                     "installation lacks; use templates='single' or 'select7'")
+        return list(templates.IMAGENET_TEMPLATES_SELECT)
+    if name == "imagenet80":
+        return list(templates.IMAGENET_TEMPLATES)
+    raise ValueError(f"templates must be one of {', '.join(TEMPLATE_CHOICES)}, got {name!r}")
 
 
 @register_method
