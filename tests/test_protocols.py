@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 
-import vlprompt
 from vlprompt import protocols
 from vlprompt.cli import main
 from vlprompt.protocols import (DG_TARGETS, STANDARD_DATASETS, plan_protocol, run_protocol,
@@ -71,14 +68,11 @@ class FakeEngine:
 
 @pytest.fixture
 def engine(monkeypatch):
+    import vlprompt.engine
+
     fake = FakeEngine()
-    module = types.ModuleType("vlprompt.engine")
-    module.run_experiment, module.evaluate_run = fake.run_experiment, fake.evaluate_run
-    module.distributed = types.SimpleNamespace(default_device=lambda d: d or "cpu",
-                                              is_main=lambda: True,
-                                              init_distributed=lambda d: False)
-    monkeypatch.setitem(sys.modules, "vlprompt.engine", module)
-    monkeypatch.setattr(vlprompt, "engine", module, raising=False)
+    monkeypatch.setattr(vlprompt.engine, "run_experiment", fake.run_experiment)
+    monkeypatch.setattr(vlprompt.engine, "evaluate_run", fake.evaluate_run)
     return fake
 
 
@@ -234,7 +228,7 @@ def test_run_command_passes_trailing_overrides(tmp_path, engine, monkeypatch, ca
 
     loaded = []
     monkeypatch.setattr(load, "load_clip", lambda name, device="cpu", dtype=None:
-                        loaded.append((name, device)) or object())
+                        loaded.append((name, str(device))) or object())
     argv = ["run", "base2new", "--method", "coop", "--datasets", "dtd", "--seeds", "3",
             "--root", str(tmp_path / "data"), "--backbone", "my.pt", "--output",
             str(tmp_path / "o"), "--device", "cpu", "train.max_epoch=2", "method.n_ctx=4"]
