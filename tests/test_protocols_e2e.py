@@ -73,3 +73,36 @@ def test_base2new_run_report_and_skip(setup, capsys, caplog):
     # a changed hyper-parameter is not silently skipped
     assert main(argv[:-3] + ["train.max_epoch=3", "train.num_workers=0", "train.batch_size=8"]) == 1
     assert "different config" in capsys.readouterr().err
+
+
+def test_xd_then_dg_reuse_the_imagenet_model(setup, capsys):
+    tmp, backbone = setup
+    for name in ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
+        write_dataset(tmp / "data", name, num_classes=4, images_per_class=4, image_size=32)
+    out = tmp / "out_xd"
+    common = ["--method", "coop", "--seeds", "1", "--root", str(tmp / "data"), "--backbone",
+              str(backbone), "--output", str(out), "--device", "cpu", "train.max_epoch=1",
+              "train.num_workers=0", "train.batch_size=8"]
+    assert main(["run", "xd", "--datasets", "eurosat"] + common) == 0
+    results_file = out / "xd" / "coop" / "imagenet" / "shots_16" / "seed1" / "results.json"
+    trained = json.loads(results_file.read_text())
+    assert sorted(trained["evaluations"]) == ["eurosat/all", "imagenet/all"]
+    assert trained["evaluations"]["eurosat/all"]["num_images"] == 30  # 10 classes x 3
+
+    assert main(["run", "dg"] + common) == 0
+    results = json.loads(results_file.read_text())
+    assert results["train"] == trained["train"]  # not retrained
+    assert sorted(results["evaluations"]) == sorted(
+        ["eurosat/all", "imagenet/all", "imagenetv2/all", "imagenet_sketch/all",
+         "imagenet_a/all", "imagenet_r/all"])
+
+    capsys.readouterr()
+    assert main(["report", str(out), "--format", "json"]) == 0
+    tables = {t["title"]: t for t in json.loads(capsys.readouterr().out)["tables"]}
+    dg = tables["Domain generalisation"]
+    assert dg["columns"] == ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a",
+                             "imagenet_r", "Target avg"]
+    cells = dg["rows"][0]["cells"]
+    targets = [results["evaluations"][f"{d}/all"]["accuracy"] for d in dg["columns"][1:5]]
+    assert cells["Target avg"]["mean"] == pytest.approx(sum(targets) / 4)
+    assert tables["Cross-dataset transfer"]["columns"] == ["imagenet", "eurosat", "Target avg"]
