@@ -246,9 +246,9 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
                     f"than {str(backbone)!r} (checksum {checksum}); use another --output or "
                     f"--force")
         state = "new" if force else run_state(run, results)[0]
-        log("%s: %s", tag, {"new": "training", "resume": "resuming",
-                                    "evaluate": "evaluating", "done": "skipped (finished; "
-                                    + ", ".join(run.evaluation_keys) + " present)"}[state])
+        present = ", ".join(run.evaluation_keys)
+        log("%s: %s", tag, {"new": "training", "resume": "resuming", "evaluate": "evaluating",
+                            "done": f"skipped (finished; {present} present)"}[state])
         # Always through run_experiment: it returns a finished run at once, but first checks that
         # the run folder's config is the one asked for (else a changed override would be ignored).
         results = engine.run_experiment(
