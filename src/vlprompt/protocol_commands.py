@@ -1,0 +1,95 @@
+"""``vlprompt run`` (a whole protocol) and ``vlprompt report`` (tables and plots of its results)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .protocols import PROTOCOLS
+
+_RUN_DESCRIPTION = (
+    "Run an evaluation protocol for one method: base2new (train on base classes, test base and "
+    "new), fewshot (1/2/4/8/16 shots), xd (train ImageNet, test 10 other datasets), dg (the same "
+    "ImageNet model on ImageNet-V2/-Sketch/-A/-R). Finished runs are skipped, unfinished ones "
+    "resume.")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlprompt run", description=_RUN_DESCRIPTION)
+    p.add_argument("protocol", metavar="PROTOCOL", help=f"one of {', '.join(PROTOCOLS)}")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides applied to every run (e.g. train.max_epoch=2)")
+    p.add_argument("--method", required=True, help="method name (see `vlprompt list-methods`)")
+    p.add_argument("--datasets", default="all",
+                   help="comma-separated dataset names, or 'all' (default): the 11 standard "
+                        "datasets (xd: the 10 targets; dg: the 4 ImageNet variants)")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    p.add_argument("--root", required=True, help="data root holding the dataset folders")
+    p.add_argument("--backbone", default="ViT-B/16", help="backbone name or checkpoint path")
+    p.add_argument("--shots", default=None,
+                   help="shots per class, comma-separated (default 16; fewshot: 1,2,4,8,16)")
+    p.add_argument("--output", default="output", help="output folder (default ./output)")
+    p.add_argument("--config", default=None, help="YAML config applied after the method's "
+                                                   "protocol config")
+    p.add_argument("--source", default="imagenet", help="xd/dg source dataset (default imagenet)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # The trailing key=value overrides may follow the options, which a sub-parser cannot
+    # intermix with a positional list; the sub-parser therefore hands over its words unparsed and
+    # this parser (no sub-parsers of its own) parses them intermixed.
+    opts = _run_parser().parse_intermixed_args(args.words)
+    from .protocols import run_protocol
+
+    for item in opts.overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+    run_dirs = run_protocol(opts.protocol, opts.method, opts.datasets, opts.seeds, opts.root,
+                            opts.backbone, output=opts.output, shots=opts.shots,
+                            config_file=opts.config, overrides=tuple(opts.overrides),
+                            force=opts.force, device=opts.device, source=opts.source)
+    print(f"{len(run_dirs)} run(s) complete under {Path(opts.output) / opts.protocol}; "
+          f"tables: vlprompt report {opts.output}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    plot_dir = None
+    if args.plot:
+        plot_dir = args.plot_dir or (Path(args.output).parent if args.output
+                                     else Path(args.runs_dir) / "plots")
+    text = report(args.runs_dir, fmt=args.format, output=args.output, plot_dir=plot_dir)
+    if args.output is None:
+        sys.stdout.write(text)
+    return 0
+
+
+def register(sub) -> None:
+    # prefix_chars without "-": every word after `run` (options included) reaches _cmd_run as is
+    run = sub.add_parser("run", help="run a protocol (base2new, fewshot, xd, dg) for a method",
+                         description=_RUN_DESCRIPTION, prefix_chars="\0", add_help=False,
+                         usage="vlprompt run PROTOCOL --method M --root DIR [--datasets D1,D2|all] "
+                               "[--seeds 1,2,3] [--backbone B] [--shots K[,K...]] [--output DIR] "
+                               "[--config YAML] [--force] [key=value ...]  (-h for details)")
+    run.add_argument("words", nargs="*")
+    run.set_defaults(func=_cmd_run)
+
+    rep = sub.add_parser("report", help="tables (and plots) from the results of protocol runs",
+                         description="Aggregate results.json files under RUNS_DIR: base2new "
+                                     "Base/New/HM, few-shot accuracy per shots, cross-dataset and "
+                                     "domain-generalisation transfer (mean ± std over seeds).")
+    rep.add_argument("runs_dir", metavar="RUNS_DIR", help="folder searched for results.json")
+    rep.add_argument("--format", default="md", choices=["md", "csv", "json"],
+                     help="output format (default md)")
+    rep.add_argument("--output", default=None, help="write the tables to FILE instead of stdout")
+    rep.add_argument("--plot", action="store_true",
+                     help="also write PNG plots (few-shot curves, base/new bars)")
+    rep.add_argument("--plot-dir", default=None,
+                     help="folder for the plots (default: next to --output, else RUNS_DIR/plots)")
+    rep.set_defaults(func=_cmd_report)
