@@ -20,3 +20,8 @@ def tiny_config() -> CLIPConfig:
 def tiny_clip(tiny_config):
     torch.manual_seed(0)
     return build_clip(tiny_config).eval().requires_grad_(False)
+
+
+def pytest_configure(config):
+    # One intra-op thread: tiny models are dominated by threading overhead, and CI has 2 cores.
+    torch.set_num_threads(1)

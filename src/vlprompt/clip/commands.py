@@ -41,11 +41,11 @@ def _check_images(images: Sequence[str]) -> list[Path]:
     return paths
 
 
-def _print_predictions(paths, probs, indices, classnames) -> None:
-    for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
+def _print_predictions(paths, predictions: list[list[tuple[str, float]]]) -> None:
+    for path, top in zip(paths, predictions):
         print(path)
-        for p, i in zip(p_row, i_row):
-            print(f"  {100 * p:6.2f}%  {classnames[i]}")
+        for name, prob in top:
+            print(f"  {100 * prob:6.2f}%  {name}")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -54,9 +54,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from ..engine import predict_with_checkpoint
 
-        probs, indices, classnames = predict_with_checkpoint(args.checkpoint, paths, classes,
-                                                             topk=args.topk, device=args.device)
-        _print_predictions(paths, probs, indices, classnames)
+        _print_predictions(paths, predict_with_checkpoint(args.checkpoint, [str(p) for p in paths],
+                                                          classes, topk=args.topk, device=args.device))
         return 0
     if classes is None:
         raise ValueError("--classes is required with --backbone")
@@ -73,5 +72,6 @@ def _predict(args: argparse.Namespace) -> int:
     transform = build_transform(train=False, image_size=clip.image_size)
     images = torch.stack([transform(str(p)) for p in paths]).to(args.device)
     probs, indices = classifier.predict(images, topk=args.topk)
-    _print_predictions(paths, probs, indices, classifier.classnames)
+    _print_predictions(paths, [[(classifier.classnames[i], p) for p, i in zip(pr, ir)]
+                               for pr, ir in zip(probs.tolist(), indices.tolist())])
     return 0
