@@ -211,7 +211,7 @@ class VisionTransformer(nn.Module):
         if prompts is not None:
             x = torch.cat([x, _expand(prompts.to(x.dtype), x.shape[0])], dim=1)  # [B, 1+N+P, D]
         x = self.ln_pre(x)
-        x = self.transformer(x, hook=chain_hooks(_replace_last_hook(deep_prompts), hook),
+        x = self.transformer(x, hook=chain_hooks(_deep_prompt_hook(deep_prompts), hook),
                              hidden_states=hidden_states)
         cls = self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # [B, E]
         if return_tokens:
@@ -219,7 +219,10 @@ class VisionTransformer(nn.Module):
         return cls
 
 
-def _replace_last_hook(deep_prompts: Optional[DeepPrompts]) -> Optional[LayerHook]:
+def _deep_prompt_hook(deep_prompts: Optional[DeepPrompts], start: Optional[int] = None
+                      ) -> Optional[LayerHook]:
+    """A hook that places ``deep_prompts[i]`` before block i: at positions ``start .. start+P-1``
+    (text), or over the last P tokens when ``start`` is None (vision)."""
     if not deep_prompts:
         return None
 
@@ -227,21 +230,9 @@ def _replace_last_hook(deep_prompts: Optional[DeepPrompts]) -> Optional[LayerHoo
         p = deep_prompts.get(i)
         if p is None:
             return x
-        p = _expand(p.to(x.dtype), x.shape[0])
-        return torch.cat([x[:, : x.shape[1] - p.shape[1]], p], dim=1)
-    return hook
-
-
-def _replace_span_hook(deep_prompts: Optional[DeepPrompts], start: int) -> Optional[LayerHook]:
-    if not deep_prompts:
-        return None
-
-    def hook(i: int, x: Tensor) -> Tensor:
-        p = deep_prompts.get(i)
-        if p is None:
-            return x
-        p = _expand(p.to(x.dtype), x.shape[0])
-        return torch.cat([x[:, :start], p, x[:, start + p.shape[1]:]], dim=1)
+        p = _expand(p.to(x.dtype), x.shape[0])  # [B, P, D]
+        first = x.shape[1] - p.shape[1] if start is None else start
+        return torch.cat([x[:, :first], p, x[:, first + p.shape[1]:]], dim=1)
     return hook
 
 
@@ -347,7 +338,7 @@ class CLIP(nn.Module):
             embeddings = embeddings[:, :length]
         x = embeddings.to(self.dtype) + self.positional_embedding[: embeddings.shape[1]].to(self.dtype)
         x = self.transformer(x, causal=True,
-                             hook=chain_hooks(_replace_span_hook(deep_prompts, prompt_start), hook),
+                             hook=chain_hooks(_deep_prompt_hook(deep_prompts, prompt_start), hook),
                              hidden_states=hidden_states)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_indices]  # [N, D]
