@@ -16,6 +16,7 @@ from . import __version__
 
 COMMAND_MODULES = [
     "vlprompt.clip.commands",
+    "vlprompt.data.commands",
 ]
 
 
