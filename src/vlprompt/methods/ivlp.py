@@ -41,16 +41,17 @@ class IVLPConfig(MethodConfig):
     depth_vision: int = 12
 
     def __post_init__(self) -> None:
+        who = type(self).__name__
         if self.n_ctx_text < 1:
-            raise ValueError(f"n_ctx_text must be >= 1, got {self.n_ctx_text}")
+            raise ValueError(f"{who}: n_ctx_text must be >= 1, got {self.n_ctx_text}")
         if self.depth_text < 1:
-            raise ValueError(f"depth_text must be >= 1 (use vpt for vision-only prompting), "
+            raise ValueError(f"{who}: depth_text must be >= 1 (use vpt for vision-only prompting), "
                              f"got {self.depth_text}")
         if self.n_ctx_vision < 0 or self.depth_vision < 0:
-            raise ValueError(f"n_ctx_vision and depth_vision must be >= 0, got "
+            raise ValueError(f"{who}: n_ctx_vision and depth_vision must be >= 0, got "
                              f"{self.n_ctx_vision} and {self.depth_vision}")
         if (self.n_ctx_vision == 0) != (self.depth_vision == 0):
-            raise ValueError(f"n_ctx_vision={self.n_ctx_vision} and depth_vision="
+            raise ValueError(f"{who}: n_ctx_vision={self.n_ctx_vision} and depth_vision="
                              f"{self.depth_vision}: set both to 0 to disable vision prompts")
 
 

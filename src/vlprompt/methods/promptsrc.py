@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..clip.model import CLIP
+from ..clip.templates import PROMPTSRC_TEMPLATES
 from .ivlp import IVLP, IVLPConfig
 from .prompts import hand_crafted_text_features
 from .registry import register_method
@@ -49,7 +50,7 @@ class PromptSRCConfig(IVLPConfig):
     #: GPA: mean and std (in epochs, 1-based) of the Gaussian epoch weights
     gpa_mean: float = 15.0
     gpa_std: float = 1.0
-    #: templates of the frozen text teacher; None = the 60 of ``vlprompt.clip.templates``
+    #: templates of the frozen text teacher; None = PromptSRC's 60 (``clip.templates.PROMPTSRC_TEMPLATES``)
     teacher_templates: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
@@ -110,14 +111,8 @@ class PromptSRC(IVLP):
 
     # ------------------------------------------------------------------ teacher
     def teacher_templates(self) -> list[str]:
-        if self.config.teacher_templates:
-            return list(self.config.teacher_templates)
-        try:
-            from ..clip.templates import PROMPTSRC_TEMPLATES
-        except ImportError as exc:  # pragma: no cover - depends on the templates module
-            raise ImportError("promptsrc needs vlprompt.clip.templates.PROMPTSRC_TEMPLATES for its "
-                              "teacher; set the config field teacher_templates instead") from exc
-        return list(PROMPTSRC_TEMPLATES)
+        """The configured teacher templates, or PromptSRC's 60."""
+        return list(self.config.teacher_templates or PROMPTSRC_TEMPLATES)
 
     def teacher_text_features(self) -> Tensor:
         """Normalised mean over the teacher templates of the frozen text features [C, E]."""
