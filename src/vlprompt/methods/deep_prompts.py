@@ -119,7 +119,8 @@ class CoupledPrompts(nn.Module):
     Parameters (text width Dt, vision width Dv, J = depth):
       ``ctx`` [n, Dt] — text context at positions 1..n (block 0);
       ``proj`` Linear(Dt -> Dv) — shallow vision prompts = proj(ctx);
-      ``text_deep.prompts`` [J-1, n, Dt] — text prompts replacing positions 1..n before blocks 1..J-1;
+      ``text_deep.prompts`` [J-1, n, Dt] — text prompts replacing positions 1..n before
+      blocks 1..J-1;
       ``couplings`` J-1 x Linear(Dt -> Dv) — vision prompts before block i = couplings[i-1](text
       prompt i); gradients flow through every coupling into the text prompts.
     The same depth applies to both towers (capped at the shallower one).

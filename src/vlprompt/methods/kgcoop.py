@@ -45,7 +45,8 @@ class KgCoOp(Method):
     computed once per class list on first use in ``loss``."""
 
     name = "kgcoop"
-    description = "KgCoOp: CoOp with knowledge-guided regularisation to hand-crafted prompts (CVPR 2023)"
+    description = ("KgCoOp: CoOp regularised towards hand-crafted prompt features "
+                   "(CVPR 2023)")
     Config = KgCoOpConfig
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[KgCoOpConfig] = None,

@@ -50,7 +50,8 @@ class PromptSRCConfig(IVLPConfig):
     #: GPA: mean and std (in epochs, 1-based) of the Gaussian epoch weights
     gpa_mean: float = 15.0
     gpa_std: float = 1.0
-    #: templates of the frozen text teacher; None = PromptSRC's 60 (``clip.templates.PROMPTSRC_TEMPLATES``)
+    #: templates of the frozen text teacher; None = PromptSRC's 60
+    #: (``clip.templates.PROMPTSRC_TEMPLATES``)
     teacher_templates: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
@@ -65,7 +66,8 @@ class PromptSRCConfig(IVLPConfig):
         if self.teacher_templates is not None:
             if isinstance(self.teacher_templates, str) or not self.teacher_templates:
                 raise ValueError("promptsrc: teacher_templates must be a non-empty list of "
-                                 "templates such as ['a photo of a {}.'] (or null for the default 60)")
+                                 "templates such as ['a photo of a {}.'] "
+                                 "(or null for the default 60)")
             bad = [t for t in self.teacher_templates if "{}" not in t]
             if bad:
                 raise ValueError(f"promptsrc: teacher templates need a '{{}}' for the class "
@@ -91,7 +93,8 @@ def _buffer_name(param_name: str) -> str:
 class PromptSRC(IVLP):
     """IVLP prompts + self-regulating losses + GPA. Teacher text features [C, E] are a
     non-persistent buffer computed once per class list on first use; the GPA running sums are
-    non-persistent buffers exported by ``extra_state_tensors`` as ``gpa.<param>`` and ``gpa.epochs``."""
+    non-persistent buffers exported by ``extra_state_tensors`` as ``gpa.<param>`` and
+    ``gpa.epochs``."""
 
     name = "promptsrc"
     description = "PromptSRC: self-regulating independent V-L prompts with GPA (ICCV 2023)"

@@ -45,7 +45,8 @@ class VPT(Method):
     ``text_features`` [C, E] (frozen classifier) is a non-persistent buffer."""
 
     name = "vpt"
-    description = "VPT-deep: learnable vision tokens in every block, frozen text classifier (ECCV 2022)"
+    description = ("VPT-deep: learnable vision tokens in every block, frozen text classifier "
+                   "(ECCV 2022)")
     Config = VPTConfig
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[VPTConfig] = None,
