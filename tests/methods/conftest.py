@@ -1,17 +1,40 @@
+"""Shared fixtures for the method tests: a tiny random CLIP and a learnable synthetic task."""
+
+from __future__ import annotations
+
 import pytest
 import torch
 
-from vlprompt.clip.model import CLIPConfig, build_clip
-
-# Several processes share the test machine's cores: one intra-op thread avoids OpenMP spin-waits
-# that make tiny models 100x slower.
-torch.set_num_threads(1)
-
-TINY = dict(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
-            vision_heads=2, text_width=64, text_layers=2, text_heads=2)
+from vlprompt.clip.model import CLIP, CLIPConfig, build_clip
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    torch.manual_seed(0)
-    return build_clip(CLIPConfig(**TINY))
+TINY = CLIPConfig(embed_dim=32, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                  vision_heads=2, text_width=64, text_layers=2, text_heads=2)
+
+#: config overrides a method needs on the tiny CLIP (none so far: depths are capped at the
+#: tower depth and PromptSRC's 60-template teacher is cheap on it)
+TINY_OVERRIDES: dict[str, dict] = {}
+
+CLASSNAMES = ["red", "green", "blue", "yellow"]
+NEW_CLASSNAMES = ["purple_thing", "cyan", "grey"]
+_COLOURS = torch.tensor([[1.5, -1.0, -1.0], [-1.0, 1.5, -1.0], [-1.0, -1.0, 1.5], [1.5, 1.5, -1.0]])
+
+
+def colour_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images [n, 3, 32, 32] whose class is their colour (plus noise), labels cycling 0..3."""
+    labels = torch.arange(n) % len(CLASSNAMES)
+    images = _COLOURS[labels][:, :, None, None] + 0.3 * torch.randn(n, 3, 32, 32,
+                                                                    generator=generator)
+    return images, labels
+
+
+def make_tiny_clip(seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    clip = build_clip(TINY)
+    clip.requires_grad_(False)
+    return clip.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> CLIP:
+    return make_tiny_clip(0)

@@ -7,7 +7,7 @@ import pkgutil
 from .base import Method, MethodConfig
 from .registry import build_method, get_method, list_methods, make_config, register_method
 
-_INFRASTRUCTURE = {"base", "registry", "prompts"}
+_INFRASTRUCTURE = {"base", "registry", "prompts", "deep_prompts"}
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _INFRASTRUCTURE and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")

@@ -1,0 +1,114 @@
+"""CoCoOp: Conditional Prompt Learning for Vision-Language Models (Zhou et al., CVPR 2022).
+
+A small meta-network maps each image's (normalised) feature to a shift pi_b that is added to all
+context vectors, so every image gets its own C class prompts: B x C text-tower passes per batch
+(METHODS.md §6.3, §10). The official code runs batch 1; here the B x C prompts go through the text
+tower in chunks of ``text_chunk_size`` prompts, so larger batches fit in memory and give the same
+numbers whatever the chunk size. With ``checkpoint_chunks`` the chunks' activations are recomputed
+in the backward pass, which bounds training memory as well (exact, ~30% slower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..clip.model import CLIP
+from .base import Method, MethodConfig
+from .prompts import TextPrompts
+from .registry import register_method
+
+
+@dataclasses.dataclass
+class CoCoOpConfig(MethodConfig):
+    """CoCoOp settings; defaults = ``vit_b16_c4_ep10_batch1_ctxv1``."""
+
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    #: meta-net hidden width = embed_dim // meta_reduction (512 -> 32 for ViT-B/16)
+    meta_reduction: int = 16
+    #: prompts per text-tower call (B x C prompts are split into chunks); 0 = one call
+    text_chunk_size: int = 1024
+    #: recompute each chunk's activations in backward (bounds training memory)
+    checkpoint_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ValueError(f"cocoop: n_ctx must be >= 1, got {self.n_ctx}")
+        if self.meta_reduction < 1:
+            raise ValueError(f"cocoop: meta_reduction must be >= 1, got {self.meta_reduction}")
+        if self.text_chunk_size < 0:
+            raise ValueError(f"cocoop: text_chunk_size must be >= 0 (0 = no chunking), "
+                             f"got {self.text_chunk_size}")
+
+
+@register_method
+class CoCoOp(Method):
+    """Learnable: ``ctx`` [M, Dt]; ``meta_net`` Linear(E -> E/16) -> ReLU -> Linear(E/16 -> Dt)."""
+
+    name = "cocoop"
+    description = "CoCoOp: image-conditional context via a meta-net (CVPR 2022)"
+    Config = CoCoOpConfig
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[CoCoOpConfig] = None,
+                 template: Optional[str] = None):
+        super().__init__(clip, classnames, config, template)
+        cfg = self.config
+        device = clip.logit_scale.device
+        self.prompts = TextPrompts(clip, self.classnames, cfg.n_ctx, cfg.ctx_init or None)
+        self.ctx = nn.Parameter(self.prompts.init_context().to(device))  # [M, Dt]
+        hidden = max(1, clip.embed_dim // cfg.meta_reduction)
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(clip.embed_dim, hidden, device=device)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(hidden, clip.text_width, device=device)),
+        ]))
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.classnames = [c.replace("_", " ") for c in classnames]
+        self.prompts.set_classnames(self.classnames)
+
+    def conditional_context(self, image_features: Tensor) -> Tensor:
+        """Image features [B, E] (unnormalised) -> per-image context [B, M, Dt]."""
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        shift = self.meta_net(image_features.to(self.ctx.dtype))  # [B, Dt]
+        return self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # [B, M, Dt]
+
+    def text_features(self, ctx: Tensor) -> Tensor:
+        """Per-image context [B, M, Dt] -> class text features [B, C, E] (unnormalised)."""
+        tp = self.prompts
+        B, C = ctx.shape[0], tp.num_classes
+        eot = tp.eot_indices
+        total, chunk = B * C, self.config.text_chunk_size
+        if chunk == 0 or total <= chunk:
+            emb = tp.assemble_per_sample(ctx).flatten(0, 1)  # [B*C, L, D]
+            return self.clip.encode_text_embeddings(emb, eot.repeat(B)).view(B, C, -1)
+        # Chunked: build only each chunk's prompts. Cutting at the longest EOT first is exact
+        # (causal mask) and keeps the gathered chunks small.
+        length = int(eot.max()) + 1
+        emb = tp.embeddings[:, :length]
+        prefix, rest = emb[:, :1], emb[:, 1 + tp.n_ctx:]  # [C, 1, D], [C, L'-1-M, D]
+        ctx = ctx.to(emb.dtype)
+
+        def run(ctx: Tensor, flat: Tensor) -> Tensor:
+            b, c = flat // C, flat % C  # image and class of each prompt in the chunk
+            chunk_emb = torch.cat([prefix[c], ctx[b], rest[c]], dim=1)  # [n, L', D]
+            return self.clip.encode_text_embeddings(chunk_emb, eot[c])
+
+        use_ckpt = self.config.checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
+        feats = []
+        for start in range(0, total, chunk):
+            flat = torch.arange(start, min(start + chunk, total), device=ctx.device)
+            feats.append(checkpoint(run, ctx, flat, use_reentrant=False) if use_ckpt
+                         else run(ctx, flat))
+        return torch.cat(feats).view(B, C, -1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        image_features = self.clip.encode_image(images)  # [B, E]
+        text = self.text_features(self.conditional_context(image_features))  # [B, C, E]
+        return self.logits(image_features, text)

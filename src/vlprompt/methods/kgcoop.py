@@ -1,0 +1,87 @@
+"""KgCoOp: Visual-Language Prompt Tuning with Knowledge-guided Context Optimization
+(Yao et al., CVPR 2023).
+
+CoOp (4 context tokens from "a photo of a") plus a regulariser that keeps the learned class text
+features close to CLIP's hand-crafted ones:
+``loss = CE + lambda * (1 - mean_c cos(t_c, t_c^hc))``, lambda = 8, where ``t^hc`` are the frozen,
+normalised sentence features of the dataset template (``self.template``; the engine passes the
+dataset's template, including KgCoOp's DTD variant) — METHODS.md §6.6, §10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..clip.model import CLIP
+from .base import Method, MethodConfig
+from .prompts import TextPrompts, hand_crafted_text_features
+from .registry import register_method
+
+
+@dataclasses.dataclass
+class KgCoOpConfig(MethodConfig):
+    """KgCoOp settings; defaults = ``vit_b16_ep100_ctxv1`` with W = 8."""
+
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    #: weight lambda of the knowledge-guidance term (``TRAINER.COOP.W``)
+    kg_weight: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ValueError(f"kgcoop: n_ctx must be >= 1, got {self.n_ctx}")
+        if self.kg_weight < 0:
+            raise ValueError(f"kgcoop: kg_weight must be >= 0, got {self.kg_weight}")
+
+
+@register_method
+class KgCoOp(Method):
+    """Learnable: ``ctx`` [M, Dt]. Teacher ``teacher_features`` [C, E] is a non-persistent buffer,
+    computed once per class list on first use in ``loss``."""
+
+    name = "kgcoop"
+    description = ("KgCoOp: CoOp regularised towards hand-crafted prompt features "
+                   "(CVPR 2023)")
+    Config = KgCoOpConfig
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[KgCoOpConfig] = None,
+                 template: Optional[str] = None):
+        super().__init__(clip, classnames, config, template)
+        cfg = self.config
+        self.prompts = TextPrompts(clip, self.classnames, cfg.n_ctx, cfg.ctx_init or None)
+        self.ctx = nn.Parameter(self.prompts.init_context().to(clip.logit_scale.device))
+        self.register_buffer("teacher_features", None, persistent=False)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        self.classnames = [c.replace("_", " ") for c in classnames]
+        self.prompts.set_classnames(self.classnames)
+        self.teacher_features = None
+
+    def hand_crafted_features(self) -> Tensor:
+        """Frozen normalised features of ``self.template`` for the current classes [C, E]."""
+        if self.teacher_features is None:
+            self.teacher_features = hand_crafted_text_features(
+                self.clip, self.classnames, [self.template])
+        return self.teacher_features
+
+    def text_features(self) -> Tensor:
+        """Learned class text features [C, E], unnormalised."""
+        tp = self.prompts
+        return self.clip.encode_text_embeddings(tp.assemble(self.ctx), tp.eot_indices)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.logits(self.clip.encode_image(images), self.text_features())
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        text = self.text_features()
+        logits = self.logits(self.clip.encode_image(images), text)
+        ce = F.cross_entropy(logits, labels)
+        cos = (F.normalize(text, dim=-1) * self.hand_crafted_features().to(text.dtype)).sum(-1)
+        kg = 1.0 - cos.mean()
+        total = ce + self.config.kg_weight * kg
+        return total, {"ce": float(ce.detach()), "kg": float(kg.detach())}
