@@ -142,3 +142,16 @@ def test_unknown_method_dataset_and_config_key(world, tmp_path):
     with pytest.raises((KeyError, ValueError), match="nodataset"):
         run_experiment("coop", "nodataset", world.data, world.clip_path, tmp_path / "c",
                        overrides=FAST)
+
+
+def test_kgcoop_uses_its_papers_dtd_template():
+    from types import SimpleNamespace
+
+    from vlprompt.engine.run import method_template
+    from vlprompt.methods import get_method
+
+    dtd = SimpleNamespace(dataset="dtd", template="{} texture.")
+    custom = SimpleNamespace(dataset="my_set", template="a drawing of a {}.")
+    assert method_template(get_method("kgcoop"), dtd) == "a photo of a {}, a type of texture."
+    assert method_template(get_method("coop"), dtd) == "{} texture."
+    assert method_template(get_method("kgcoop"), custom) == "a drawing of a {}."

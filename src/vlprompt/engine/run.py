@@ -113,6 +113,16 @@ def _load_clip(backbone, device: torch.device, clip=None):
     return load_clip(backbone, device=device)
 
 
+def method_template(method_cls, split) -> str:
+    """The dataset's template in the table the method's paper used (KgCoOp's DTD template
+    differs from CoOp's); custom datasets keep their own."""
+    from ..clip.templates import CUSTOM_TEMPLATES, dataset_template
+
+    if method_cls.template_variant != "coop" and split.dataset in CUSTOM_TEMPLATES:
+        return dataset_template(split.dataset, method_cls.template_variant)
+    return split.template
+
+
 def _eval_key(dataset: str, subsample: str) -> str:
     return f"{dataset}/{subsample}"
 
@@ -192,7 +202,7 @@ def run_experiment(method: str, dataset: str, root: PathLike, backbone, run_dir:
                         len(split.classnames), len(split.train), len(split.test))
         seed_everything(seed)
         model = method_cls(clip, list(split.classnames), make_config(method_cls, config["method"]),
-                           template=split.template)
+                           template=method_template(method_cls, split))
         model.to(device)
         logger.info("Loading trainer: %s (%d trainable parameters)", method,
                     model.num_trainable_parameters())
@@ -260,6 +270,7 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: PathLike, subsample: str
     """Evaluate a run's checkpoint on ``dataset``'s test split (classes ``subsample``): the
     evaluation entry, also merged into ``results.json`` as ``"<dataset>/<subsample>"``."""
     from ..data import ImageDataset, build_transform, load_split
+    from ..methods import get_method
 
     run_dir = Path(run_dir)
     header = ckpt.read_header(run_dir)
@@ -274,7 +285,8 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: PathLike, subsample: str
         clip = _load_clip(header["backbone"], device, clip)
         split = load_split(dataset, root, shots=-1, seed=int(header.get("seed", 1)),
                            subsample=subsample)
-        model = _build_from_run(run_dir, header, clip, split.classnames, split.template)
+        model = _build_from_run(run_dir, header, clip, split.classnames,
+                                method_template(get_method(header["method"]), split))
         model.to(device)
         test_set = ImageDataset(split.test, build_transform(False, clip.image_size))
         entry = evaluate_method(model, test_set, list(split.classnames),

@@ -34,6 +34,9 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     #: whether the method has anything to train (zero-shot CLIP has not)
     trainable: ClassVar[bool] = True
+    #: which table of per-dataset templates the paper used ("coop", or "kgcoop" whose DTD
+    #: template differs); see ``vlprompt.clip.templates.dataset_template``
+    template_variant: ClassVar[str] = "coop"
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any = None,
                  template: Optional[str] = None):

@@ -45,6 +45,7 @@ class KgCoOp(Method):
     computed once per class list on first use in ``loss``."""
 
     name = "kgcoop"
+    template_variant = "kgcoop"  # DTD: "a photo of a {}, a type of texture."
     description = ("KgCoOp: CoOp regularised towards hand-crafted prompt features "
                    "(CVPR 2023)")
     Config = KgCoOpConfig
