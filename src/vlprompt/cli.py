@@ -16,6 +16,8 @@ from . import __version__
 
 COMMAND_MODULES = [
     "vlprompt.clip.commands",
+    "vlprompt.data.commands",
+    "vlprompt.engine.commands",
 ]
 
 

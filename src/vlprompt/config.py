@@ -1,0 +1,222 @@
+"""Run configuration: the training settings (``TrainConfig``) and the merge of defaults, the
+packaged per-protocol YAML, a user YAML and ``key=value`` overrides into one resolved config.
+
+Merge order (as CoOp's ``setup_cfg``, without yacs): method ``Config`` / ``TrainConfig`` defaults
+-> ``vlprompt/configs/<method>/<protocol>.yaml`` -> the user's YAML -> overrides. Every file has
+the sections ``method:`` and ``train:``; a key that names no field is an error that lists the
+valid fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SECTIONS = ("method", "train")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training and evaluation settings. Defaults follow Dassl/CoOp (METHODS.md §1.3)."""
+
+    max_epoch: int = 10
+    lr: float = 0.002
+    #: images per optimiser step, over all processes (split across ranks and ``grad_accum``)
+    batch_size: int = 32
+    eval_batch_size: int = 100
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: "cosine" (stepped per epoch) or "constant"
+    lr_scheduler: str = "cosine"
+    #: epochs at the constant ``warmup_lr`` before the schedule (Dassl's constant warmup)
+    warmup_epoch: int = 1
+    warmup_lr: float = 1e-5
+    #: "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "fp32", "bf16" or "fp16"
+    precision: str = "auto"
+    #: split each batch into this many chunks (same gradient, less memory)
+    grad_accum: int = 1
+    num_workers: int = 4
+    #: log a line every this many batches
+    print_freq: int = 10
+    seed: int = 1
+    #: epochs by number of shots (e.g. CoOp few-shot: {1: 50, 2: 100, ...}); overrides max_epoch
+    #: unless max_epoch is set explicitly by a user file or an override
+    shots_epochs: Optional[dict] = None
+    #: epochs by dataset (e.g. {imagenet: 50}); takes precedence over ``shots_epochs``
+    dataset_epochs: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer != "sgd":
+            raise ValueError(f"train.optimizer: only 'sgd' is supported, got {self.optimizer!r}")
+        if self.lr_scheduler not in ("cosine", "constant"):
+            raise ValueError(f"train.lr_scheduler must be cosine or constant, got {self.lr_scheduler!r}")
+        for name in ("max_epoch", "batch_size", "eval_batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by "
+                             f"train.grad_accum ({self.grad_accum})")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)}
+
+
+def default_config(method: str) -> dict:
+    """The defaults of a method's ``Config`` and of ``TrainConfig``: {"method": ..., "train": ...}."""
+    from .methods import get_method
+
+    return {"method": _fields(get_method(method).Config), "train": _fields(TrainConfig)}
+
+
+def protocol_config_file(method: str, protocol: str) -> Optional[Path]:
+    path = CONFIG_DIR / method / f"{protocol}.yaml"
+    return path if path.exists() else None
+
+
+def list_protocol_configs(method: str) -> list[str]:
+    folder = CONFIG_DIR / method
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _read_yaml(path: Union[str, os.PathLike]) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; a config file has the "
+                         f"sections {', '.join(SECTIONS)}")
+    for section in SECTIONS:
+        if not isinstance(data.get(section) or {}, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping")
+    return {s: dict(data.get(s) or {}) for s in SECTIONS}
+
+
+def _merge(config: dict, update: dict, source: str, explicit: Optional[set] = None) -> None:
+    for section, values in update.items():
+        valid = config[section]
+        for key, value in values.items():
+            if key not in valid:
+                raise ValueError(f"{source}: unknown {section} field {key!r}; valid {section} fields: "
+                                 f"{', '.join(valid)}")
+            valid[key] = value
+            if explicit is not None:
+                explicit.add((section, key))
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    """Give ``value`` the type of the field's default (YAML reads ``1e-3`` as a string, and
+    ``ctx_init=1`` as a number)."""
+    if value is None or default is None:
+        return value
+    name = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(default, str):
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_override(item: str, config: dict) -> tuple[str, str, Any]:
+    """``"train.lr=0.01"`` / ``"n_ctx=4"`` -> (section, key, value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must have the form key=value (e.g. train.lr=0.01)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if "." in key:
+        section, field = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ValueError(f"override {item!r}: section must be one of {', '.join(SECTIONS)}")
+        if field not in config[section]:
+            raise ValueError(f"override {item!r}: unknown {section} field {field!r}; valid {section} "
+                             f"fields: {', '.join(config[section])}")
+        return section, field, value
+    owners = [s for s in SECTIONS if key in config[s]]
+    if not owners:
+        valid = "; ".join(f"{s}: {', '.join(config[s])}" for s in SECTIONS)
+        raise ValueError(f"override {item!r}: unknown field {key!r}. Valid fields — {valid}")
+    if len(owners) > 1:
+        raise ValueError(f"override {item!r}: {key!r} is a field of both sections; write "
+                         f"{' or '.join(f'{s}.{key}' for s in owners)}")
+    return owners[0], key, value
+
+
+def resolve_config(method: str, protocol: Optional[str] = None,
+                   config_file: Optional[Union[str, os.PathLike]] = None,
+                   overrides: Sequence[str] = (), *, shots: Optional[int] = None,
+                   dataset: Optional[str] = None) -> dict:
+    """The resolved config {"method": {...}, "train": {...}} of a run.
+
+    ``shots``/``dataset`` select ``max_epoch`` from ``train.shots_epochs`` / ``train.dataset_epochs``
+    when neither the user file nor an override sets ``max_epoch``. Both sections are validated by
+    building the dataclasses (a bad value raises ``ValueError``).
+    """
+    from .methods import get_method, make_config
+
+    config = default_config(method)
+    if protocol:
+        packaged = protocol_config_file(method, protocol)
+        if packaged is not None:
+            _merge(config, _read_yaml(packaged), str(packaged))
+    explicit: set = set()
+    if config_file:
+        _merge(config, _read_yaml(config_file), str(config_file), explicit)
+    for item in overrides:
+        section, key, value = parse_override(item, config)
+        config[section][key] = value
+        explicit.add((section, key))
+    defaults = default_config(method)
+    for section in SECTIONS:
+        for key, value in config[section].items():
+            config[section][key] = _coerce(section, key, value, defaults[section][key])
+    train = config["train"]
+    if ("train", "max_epoch") not in explicit:
+        by_dataset = train.get("dataset_epochs") or {}
+        by_shots = {int(k): v for k, v in (train.get("shots_epochs") or {}).items()}
+        if dataset is not None and dataset in by_dataset:
+            train["max_epoch"] = int(by_dataset[dataset])
+        elif shots is not None and shots in by_shots:
+            train["max_epoch"] = int(by_shots[shots])
+    # validate types/values now, not in the middle of a run
+    make_config(get_method(method), config["method"])
+    TrainConfig(**train)
+    return copy.deepcopy(config)
+
+
+def train_config(config: dict) -> TrainConfig:
+    return TrainConfig(**config["train"])
