@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "vlprompt.clip.commands",
     "vlprompt.data.commands",
     "vlprompt.engine.commands",
+    "vlprompt.toyworld.commands",
 ]
 
 

@@ -23,6 +23,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from ..data.base import write_split_json
 from . import world
 from .version import TOYWORLD_VERSION
 
@@ -112,8 +113,7 @@ def write_benchmark(root: Union[str, os.PathLike], config: BenchmarkConfig = Ben
                     Image.fromarray(images[i]).save(tmp / IMAGE_DIR / rel)
                     split[part].append([rel, label, names[label]])
                     i += 1
-        with open(tmp / SPLIT_FILE, "w") as f:
-            json.dump(split, f, indent=4, separators=(",", ": "))
+        write_split_json(tmp / SPLIT_FILE, split)
         with open(tmp / "toyworld.json", "w") as f:
             json.dump(stamp, f, indent=2)
         if target.exists():

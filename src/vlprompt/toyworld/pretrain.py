@@ -37,7 +37,7 @@ from torch import Tensor
 from ..clip.load import cache_dir, load_clip, save_clip
 from ..clip.model import CLIP, CLIPConfig, build_clip
 from ..clip.tokenizer import tokenize
-from . import world
+from . import benchmark, world
 from .version import TOYWORLD_VERSION
 
 logger = logging.getLogger(__name__)
@@ -53,22 +53,22 @@ class PretrainConfig:
 
     image_size: int = 32
     patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_width: int = 96
-    text_layers: int = 3
-    text_heads: int = 4
+    vision_width: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 2
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
     embed_dim: int = 64
-    steps: int = 1200
-    batch_size: int = 192
-    lr: float = 1e-3
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 60
     pool_size: int = 12000
-    #: (colour, shape) pairs never drawn during pretraining (the benchmark's new classes by
-    #: default), so new-class zero-shot really is recognition of unseen combinations
-    holdout: tuple = field(default_factory=tuple)
+    #: (colour, shape) pairs never drawn during pretraining — the benchmark's new classes — so
+    #: new-class zero-shot really is recognition of unseen attribute combinations
+    holdout: tuple = field(default_factory=lambda: tuple(benchmark.class_pairs()[1]))
     seed: int = 0
 
     def clip_config(self) -> CLIPConfig:

@@ -201,9 +201,10 @@ def draw(specs: Sequence[ObjectSpec], image_size: int = 32, style: str = "pretra
 
     img = obj * alpha + back * (1 - alpha)
     if bench:
-        light = rng.uniform(0.55, 0.85, (n, 1, 1, 1))  # dimmer scenes
-        cast = rng.uniform(-0.10, 0.10, (n, 1, 1, 3)) + np.array([0.06, 0.02, -0.06], dtype=f32)
-        img = img * light + cast + rng.normal(0, 0.06, img.shape)
+        # mostly systematic (learnable) lighting: dimmer, warm cast, sensor noise
+        light = rng.uniform(0.6, 0.8, (n, 1, 1, 1))
+        cast = rng.uniform(-0.04, 0.04, (n, 1, 1, 3)) + np.array([0.08, 0.03, -0.08], dtype=f32)
+        img = img * light + cast + rng.normal(0, 0.05, img.shape)
     else:
         img = img + rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -1,0 +1,52 @@
+"""The toyworld benchmark: layout, base/new design and the registered dataset reader."""
+
+import json
+
+import pytest
+
+from vlprompt.data import load_split
+from vlprompt.toyworld import benchmark as bench
+from vlprompt.toyworld import world
+
+SMALL = bench.BenchmarkConfig(train_per_class=2, val_per_class=1, test_per_class=2, seed=3)
+
+
+def test_base_and_new_are_disjoint_combinations_of_shared_attributes():
+    base, new = bench.class_pairs()
+    assert len(base) == len(new) == 16
+    assert not set(base) & set(new)
+    for half in (base, new):
+        assert {c for c, _ in half} == set(range(len(world.COLOURS)))
+        assert {s for _, s in half} == set(range(len(world.SHAPES)))
+    names = bench.classnames()
+    assert len(set(names)) == 32 and names[0] == world.class_name(*base[0])
+
+
+def test_write_layout_and_reader(tmp_path):
+    folder = bench.write_benchmark(tmp_path, SMALL)
+    assert folder == tmp_path / "toyworld"
+    split = json.loads((folder / "split_toyworld.json").read_text())
+    assert set(split) == {"train", "val", "test"}
+    assert len(split["train"]) == 64 and len(split["val"]) == 32 and len(split["test"]) == 64
+    for rel, label, name in split["test"]:
+        assert (folder / "images" / rel).is_file()
+        assert bench.classnames()[label] == name
+    base = load_split("toyworld", tmp_path, subsample="base")
+    new = load_split("toyworld", tmp_path, subsample="new")
+    n_base = len(bench.class_pairs()[0])
+    assert [c.replace("_", " ") for c in base.classnames] == bench.classnames()[:n_base]
+    assert [c.replace("_", " ") for c in new.classnames] == bench.classnames()[n_base:]
+    assert base.template == bench.TEMPLATE
+
+
+def test_rewrite_is_reused_or_refused(tmp_path):
+    folder = bench.write_benchmark(tmp_path, SMALL)
+    stamp = (folder / "toyworld.json").stat().st_mtime_ns
+    assert bench.write_benchmark(tmp_path, SMALL) == folder
+    assert (folder / "toyworld.json").stat().st_mtime_ns == stamp
+    other = bench.BenchmarkConfig(train_per_class=1, val_per_class=1, test_per_class=1, seed=3)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        bench.write_benchmark(tmp_path, other)
+    bench.write_benchmark(tmp_path, other, overwrite=True)
+    assert len(json.loads((folder / "split_toyworld.json").read_text())["train"]) == 32
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toyworld-")]
