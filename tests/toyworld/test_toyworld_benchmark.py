@@ -50,3 +50,12 @@ def test_rewrite_is_reused_or_refused(tmp_path):
     bench.write_benchmark(tmp_path, other, overwrite=True)
     assert len(json.loads((folder / "split_toyworld.json").read_text())["train"]) == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toyworld-")]
+
+
+def test_same_seed_same_images(tmp_path):
+    a = bench.write_benchmark(tmp_path / "a", SMALL)
+    b = bench.write_benchmark(tmp_path / "b", SMALL)
+    assert (a / "split_toyworld.json").read_bytes() == (b / "split_toyworld.json").read_bytes()
+    files = sorted(p.relative_to(a) for p in (a / "images").rglob("*.png"))
+    assert len(files) == 32 * 5
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
