@@ -39,17 +39,20 @@ def test_write_layout_and_reader(tmp_path):
     assert base.template == bench.TEMPLATE
 
 
-def test_rewrite_is_reused_or_refused(tmp_path):
+def test_rewrite_is_reused_replaced_or_refused(tmp_path):
     folder = bench.write_benchmark(tmp_path, SMALL)
     stamp = (folder / "toyworld.json").stat().st_mtime_ns
     assert bench.write_benchmark(tmp_path, SMALL) == folder
     assert (folder / "toyworld.json").stat().st_mtime_ns == stamp
     other = bench.BenchmarkConfig(train_per_class=1, val_per_class=1, test_per_class=1, seed=3)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        bench.write_benchmark(tmp_path, other)
-    bench.write_benchmark(tmp_path, other, overwrite=True)
+    bench.write_benchmark(tmp_path, other)  # another toy-world config: replaced
     assert len(json.loads((folder / "split_toyworld.json").read_text())["train"]) == 32
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".toyworld-")]
+    (folder / "toyworld.json").unlink()  # now it looks like someone else's folder
+    with pytest.raises(ValueError, match="not written by the toy world"):
+        bench.write_benchmark(tmp_path, SMALL)
+    bench.write_benchmark(tmp_path, SMALL, overwrite=True)
+    assert len(json.loads((folder / "split_toyworld.json").read_text())["train"]) == 64
 
 
 def test_same_seed_same_images(tmp_path):

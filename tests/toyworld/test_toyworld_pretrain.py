@@ -40,7 +40,8 @@ def test_load_or_pretrain_caches_in_openai_layout(tmp_path, monkeypatch):
     config = pt.PretrainConfig(steps=2, **TINY)
     model, path = pt.load_or_pretrain(config)
     assert path == tmp_path / "toyworld" / f"toyclip-{config.key()}.safetensors"
-    assert path.is_file() and json.loads(path.with_suffix(".json").read_text())["config"]["steps"] == 2
+    assert path.is_file()
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["steps"] == 2
     again = load_clip(path)
     assert state_checksum(again) == state_checksum(model)
     assert "visual.conv1.weight" in again.state_dict() and "text_projection" in again.state_dict()

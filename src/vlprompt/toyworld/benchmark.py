@@ -73,9 +73,10 @@ def write_benchmark(root: Union[str, os.PathLike], config: BenchmarkConfig = Ben
                     overwrite: bool = False) -> Path:
     """Write the benchmark under ``<root>/toyworld`` and return that folder.
 
-    An existing folder written with the same config (recorded in ``toyworld.json``) is reused; a
-    different one is replaced only with ``overwrite`` (else ``FileExistsError`` names it).
-    The folder is built next to its destination and moved into place, so it is never half-written.
+    A folder written with the same config (recorded in ``toyworld.json``) is reused; one written
+    by another toy-world config is replaced; a folder that the toy world did not write is replaced
+    only with ``overwrite`` (else ``ValueError`` names it). The folder is built next to its
+    destination and moved into place, so it is never half-written.
     """
     root = Path(root).expanduser().absolute()
     target = root / DATASET_DIR
@@ -88,9 +89,10 @@ def write_benchmark(root: Union[str, os.PathLike], config: BenchmarkConfig = Ben
         if existing == stamp:
             logger.info("reusing the toy benchmark in %s", target)
             return target
-        if not overwrite:
-            raise FileExistsError(f"{target} exists but was not written with this benchmark config; "
-                                  f"remove it or pass overwrite=True")
+        if existing is None and not overwrite:
+            raise ValueError(f"{target} exists and was not written by the toy world; remove it, "
+                             f"choose another data root, or pass overwrite=True")
+        logger.warning("replacing the toy benchmark in %s (written with another config)", target)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".toyworld-"))
     try:

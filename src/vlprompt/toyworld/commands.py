@@ -35,20 +35,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo import DemoConfig, run_demo
 
-    if not args.verbose:
-        # the demo prints its own progress lines; the engine's INFO lines still reach each run's
-        # log.txt (its handler sits on the "vlprompt" logger), only the console drops them
-        quiet = _QuietFilter()
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(quiet)
     config = DemoConfig.quick() if args.quick else DemoConfig.full()
     config = dataclasses.replace(config, seed=args.seed)
-    summary = run_demo(args.output, args.root, config, methods=args.methods, force=args.force,
-                       say=lambda line: print(line, flush=True))
+    # the demo prints its own progress lines; the engine's INFO lines still reach each run's
+    # log.txt (its handler sits on the "vlprompt" logger), only the console drops them
+    quiet = _QuietFilter()
+    handlers = [] if args.verbose else list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        summary = run_demo(args.output, args.root, config, methods=args.methods, force=args.force,
+                           say=lambda line: print(line, flush=True))
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
     print()
     print(summary["table"])
-    print(f"\nTotal {summary['total_seconds']:.0f}s (pretraining {summary['pretrain_seconds']:.0f}s). "
-          f"Results: {Path(args.output) / 'summary.json'}, plot: {Path(args.output) / 'base2new.png'}")
+    out = Path(args.output)
+    print(f"\nTotal {summary['total_seconds']:.0f}s (pretraining "
+          f"{summary['pretrain_seconds']:.0f}s). Results: {out / 'summary.json'}, "
+          f"plot: {out / 'base2new.png'}")
     return 0
 
 

@@ -105,6 +105,10 @@ def run_demo(output: Union[str, os.PathLike], data_root: Optional[Union[str, os.
     data_root = Path(data_root).expanduser() if data_root else cache_dir() / "toyworld" / "data"
     start = time.time()
     names = ["zeroshot"] + [m for m in (methods or trainable_methods()) if m != "zeroshot"]
+    from ..methods import get_method
+
+    for name in names:
+        get_method(name)  # an unknown name fails now (KeyError listing them), not minutes later
 
     say(f"[1/3] tiny CLIP: {config.pretrain.steps} pretraining steps on the toy world "
         f"(cached after the first run)")
