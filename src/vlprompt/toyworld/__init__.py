@@ -8,9 +8,9 @@ dataset layout whose new classes are unseen colour × shape pairs (``benchmark``
 
 from .benchmark import BenchmarkConfig, class_pairs, classnames, write_benchmark
 from .demo import DemoConfig, run_demo
-from .pretrain import PretrainConfig, cached_path, load_or_pretrain, pretrain
+from .pretrain import PretrainConfig, cached_path, load_or_pretrain
 from .version import TOYWORLD_VERSION
 
 __all__ = ["TOYWORLD_VERSION", "BenchmarkConfig", "DemoConfig", "PretrainConfig", "cached_path",
-           "class_pairs", "classnames", "load_or_pretrain", "pretrain", "run_demo",
+           "class_pairs", "classnames", "load_or_pretrain", "run_demo",
            "write_benchmark"]
