@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "vlprompt.data.commands",
     "vlprompt.engine.commands",
     "vlprompt.protocol_commands",
+    "vlprompt.toyworld.commands",
 ]
 
 
