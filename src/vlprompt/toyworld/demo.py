@@ -59,7 +59,10 @@ class DemoConfig:
                    shots=8,
                    train_overrides=("train.max_epoch=20", "train.lr=0.005", "train.batch_size=16",
                                     "train.warmup_epoch=1", "train.warmup_lr=0.002",
-                                    "train.num_workers=0", "train.print_freq=1000"))
+                                    "train.num_workers=0", "train.print_freq=1000"),
+                   # CoCoOp with batch 8 takes twice the steps of the others: with 16 it beat
+                   # zero-shot on base by only 2.2 points (48.8 vs 43.8 with 8)
+                   method_train_overrides={"cocoop": ("train.lr=0.02", "train.batch_size=8")})
 
 
 def method_overrides(name: str, clip: CLIP) -> list[str]:
