@@ -25,3 +25,19 @@ def tiny_clip(tiny_config):
 def pytest_configure(config):
     # One intra-op thread: tiny models are dominated by threading overhead, and CI has 2 cores.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def eurosat_world(tmp_path_factory):
+    """(folder, backbone file): a tiny random CLIP saved to a file and synthetic EuroSAT-layout
+    data (10 classes, 10 images each) under ``folder / "data"``."""
+    from vlprompt.clip.load import save_clip
+    from vlprompt.data.synthetic import write_dataset
+
+    tmp = tmp_path_factory.mktemp("eurosat_world")
+    clip = build_clip(CLIPConfig(embed_dim=32, image_size=32, patch_size=8, vision_width=64,
+                                 vision_layers=2, vision_heads=2, text_width=64, text_layers=2,
+                                 text_heads=2))
+    backbone = save_clip(clip, tmp / "tiny.safetensors")
+    write_dataset(tmp / "data", "eurosat", images_per_class=10, image_size=32)
+    return tmp, backbone

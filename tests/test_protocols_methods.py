@@ -8,21 +8,12 @@ import json
 import pytest
 
 from vlprompt.cli import main
-from vlprompt.clip.load import save_clip
-from vlprompt.clip.model import CLIPConfig, build_clip
-from vlprompt.data.synthetic import write_dataset
 from vlprompt.methods import get_method, list_methods
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("methods_e2e")
-    clip = build_clip(CLIPConfig(embed_dim=32, image_size=32, patch_size=8, vision_width=64,
-                                 vision_layers=2, vision_heads=2, text_width=64, text_layers=2,
-                                 text_heads=2))
-    backbone = save_clip(clip, tmp / "tiny.safetensors")
-    write_dataset(tmp / "data", "eurosat", images_per_class=10, image_size=32)
-    return tmp, backbone
+def setup(eurosat_world):
+    return eurosat_world
 
 
 @pytest.mark.parametrize("method", list_methods())
