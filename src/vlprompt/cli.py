@@ -24,7 +24,9 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlprompt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vlprompt",
+        description="Prompt learning for CLIP-style vision-language models. Start with `vlprompt demo`.")
     parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"vlprompt {args.command}: error: {message}", file=sys.stderr)
+        print(f"vlprompt {args.command}: error: {message} (-v shows the traceback)", file=sys.stderr)
         return 1
 
 
