@@ -90,6 +90,9 @@ def list_protocol_configs(method: str) -> list[str]:
 
 
 def _read_yaml(path: Union[str, os.PathLike]) -> dict:
+    """A config file: sections ``method`` and ``train``, plus an optional ``datasets`` mapping
+    ``{dataset: {method: ..., train: ...}}`` for settings a paper gives per dataset (e.g.
+    PromptSRC's few-shot GPA)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -99,14 +102,34 @@ def _read_yaml(path: Union[str, os.PathLike]) -> dict:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS) - {"datasets"})
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; a config file has the "
-                         f"sections {', '.join(SECTIONS)}")
+                         f"sections {', '.join(SECTIONS)} and optionally 'datasets'")
+    out = _sections({k: v for k, v in data.items() if k in SECTIONS}, str(path))
+    per_dataset = data.get("datasets") or {}
+    if not isinstance(per_dataset, dict):
+        raise ValueError(f"{path}: 'datasets' must map dataset names to {{method: ..., train: ...}}")
+    out["datasets"] = {name: _sections(values or {}, f"{path}: datasets.{name}")
+                       for name, values in per_dataset.items()}
+    return out
+
+
+def _sections(data: dict, source: str) -> dict:
+    if not isinstance(data, dict) or set(data) - set(SECTIONS):
+        raise ValueError(f"{source}: expected only the sections {', '.join(SECTIONS)}")
     for section in SECTIONS:
         if not isinstance(data.get(section) or {}, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping")
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
     return {s: dict(data.get(s) or {}) for s in SECTIONS}
+
+
+def _merge_file(config: dict, data: dict, source: str, dataset: Optional[str],
+                explicit: Optional[set] = None) -> None:
+    """A file's sections, then its per-dataset block for ``dataset`` (if any)."""
+    _merge(config, {s: data[s] for s in SECTIONS}, source, explicit)
+    if dataset is not None and dataset in data["datasets"]:
+        _merge(config, data["datasets"][dataset], f"{source} (datasets.{dataset})", explicit)
 
 
 def _merge(config: dict, update: dict, source: str, explicit: Optional[set] = None) -> None:
@@ -192,10 +215,10 @@ def resolve_config(method: str, protocol: Optional[str] = None,
     if protocol:
         packaged = protocol_config_file(method, protocol)
         if packaged is not None:
-            _merge(config, _read_yaml(packaged), str(packaged))
+            _merge_file(config, _read_yaml(packaged), str(packaged), dataset)
     explicit: set = set()
     if config_file:
-        _merge(config, _read_yaml(config_file), str(config_file), explicit)
+        _merge_file(config, _read_yaml(config_file), str(config_file), dataset, explicit)
     for item in overrides:
         section, key, value = parse_override(item, config)
         config[section][key] = value

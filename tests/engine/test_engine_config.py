@@ -72,3 +72,24 @@ def test_values_get_the_field_types():
         resolve_config("coop", overrides=["csc=maybe"])
     with pytest.raises(ValueError, match="train.max_epoch must be an integer"):
         resolve_config("coop", overrides=["max_epoch=2.5"])
+
+
+def test_per_dataset_blocks_in_config_files(tmp_path):
+    from vlprompt.config import resolve_config
+
+    # packaged: PromptSRC few-shot GPA differs per dataset (METHODS.md §6.7)
+    cars = resolve_config("promptsrc", "fewshot", dataset="stanford_cars")["method"]
+    pets = resolve_config("promptsrc", "fewshot", dataset="oxford_pets")["method"]
+    assert (cars["gpa_mean"], cars["gpa_std"]) == (45.0, 5.0)
+    assert (pets["gpa_mean"], pets["gpa_std"]) == (30.0, 30.0)
+    # user file: its per-dataset block applies, and a command-line override still wins
+    user = tmp_path / "my.yaml"
+    user.write_text("train: {lr: 0.01}\ndatasets:\n  dtd: {train: {lr: 0.02}}\n")
+    assert resolve_config("coop", config_file=user, dataset="dtd")["train"]["lr"] == 0.02
+    assert resolve_config("coop", config_file=user, dataset="eurosat")["train"]["lr"] == 0.01
+    assert resolve_config("coop", config_file=user, dataset="dtd",
+                          overrides=["train.lr=0.03"])["train"]["lr"] == 0.03
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  dtd: {optim: {lr: 1}}\n")
+    with pytest.raises(ValueError, match="datasets.dtd"):
+        resolve_config("coop", config_file=bad, dataset="dtd")
