@@ -39,9 +39,19 @@ def all_test_strings() -> list[str]:
         + [t.format("dog") for t in IMAGENET_TEMPLATES]
 
 
+CLASS_COUNTS = {"imagenet": 1000, "caltech101": 100, "oxford_pets": 37, "stanford_cars": 196,
+                "oxford_flowers": 102, "food101": 101, "fgvc_aircraft": 100, "sun397": 397,
+                "dtd": 47, "eurosat": 10, "ucf101": 101}
+
+
 def test_class_names_cover_several_datasets():
+    folder = resources.files("vlprompt.data") / "classnames"
+    for name, count in CLASS_COUNTS.items():
+        lines = [l for l in (folder / f"{name}.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
+        assert len(lines) == count == len(set(lines)), name
     names = dataset_classnames()
-    assert len(names) > 1000 and "Annual Crop Land" in names and "tench" in names
+    assert "Annual Crop Land" in names and "tench" in names and "2012 Tesla Model S Sedan" in names
+    assert len(names) >= sum(CLASS_COUNTS.values())
 
 
 def test_known_ids():

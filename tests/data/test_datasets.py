@@ -111,3 +111,29 @@ def test_new_json_dataset_is_a_few_lines(tmp_path, monkeypatch):
     assert split.classnames == ["class 002"] and split.template == "a toy {}."
     with pytest.raises(ValueError, match="already registered"):
         register_dataset(type("Clash", (JsonSplitDataset,), {"name": "eurosat", "folder": "x"}))
+
+
+REAL_COUNTS = {"caltech101": 100, "oxford_pets": 37, "stanford_cars": 196, "oxford_flowers": 102,
+               "food101": 101, "fgvc_aircraft": 100, "sun397": 397, "dtd": 47, "eurosat": 10,
+               "ucf101": 101}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_COUNTS))
+def test_all_real_names_make_valid_layouts(tmp_path, name):
+    """Every shipped class name maps to a path of the real layout and reads back unchanged."""
+    from vlprompt.data import get_dataset
+
+    real = get_dataset(name).default_classnames()
+    assert real is not None and len(real) == REAL_COUNTS[name]
+    write_dataset(tmp_path, name, num_classes=len(real), images_per_class=3, image_size=4)
+    split = load_split(name, tmp_path)
+    assert split.classnames == [c.replace("_", " ") for c in real]
+    assert {r.label for r in split.test} == set(range(len(real)))
+    paths = {r.classname: r.path for r in split.test}
+    if name == "sun397":
+        assert "/sun397/SUN397/a/apartment_building/outdoor/" in paths["outdoor apartment_building"]
+        assert "/t/theater/indoor_procenium/" in paths["indoor_procenium theater"]
+    if name == "caltech101":
+        assert "/101_ObjectCategories/Faces/" in paths["face"]
+    if name == "ucf101":
+        assert "/Apply_Eye_Makeup/v_ApplyEyeMakeup_" in paths["Apply_Eye_Makeup"]
