@@ -35,7 +35,7 @@ class FakeEngine:
 
     def run_experiment(self, method, dataset, root, backbone, run_dir, shots=16, seed=1,
                        subsample="all", protocol=None, config_file=None, overrides=(),
-                       resume=True, force=False, device=None, clip=None):
+                       resume=True, force=False, device=None, clip=None, skip_missing=False):
         assert clip is not None, "the runner must pass its loaded CLIP"
         path = Path(run_dir) / "results.json"
         if path.exists() and not force:  # the engine returns a finished run as it is
@@ -56,7 +56,8 @@ class FakeEngine:
             raise RuntimeError("interrupted")
         return results
 
-    def evaluate_run(self, run_dir, dataset, root, subsample="all", device=None, clip=None):
+    def evaluate_run(self, run_dir, dataset, root, subsample="all", device=None, clip=None,
+                     skip_missing=False):
         assert clip is not None
         self.calls.append(("eval", str(run_dir), dataset, subsample))
         path = Path(run_dir) / "results.json"

@@ -35,6 +35,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="imagenet", help="xd/dg source dataset (default imagenet)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="drop image files listed in the split but missing on disk (with a warning)")
     return p
 
 
@@ -51,7 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dirs = run_protocol(opts.protocol, opts.method, opts.datasets, opts.seeds, opts.root,
                             opts.backbone, output=opts.output, shots=opts.shots,
                             config_file=opts.config, overrides=tuple(opts.overrides),
-                            force=opts.force, device=opts.device, source=opts.source)
+                            force=opts.force, device=opts.device, source=opts.source,
+                            skip_missing=opts.skip_missing)
     print(f"{len(run_dirs)} run(s) complete under {Path(opts.output) / opts.protocol}; "
           f"tables: vlprompt report {opts.output}")
     return 0

@@ -210,7 +210,7 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
                  output: PathLike = "output", shots: Union[None, int, str, Sequence[int]] = None,
                  config_file: Optional[PathLike] = None, overrides: Sequence[str] = (),
                  force: bool = False, device=None, source: str = "imagenet",
-                 clip=None) -> list[Path]:
+                 clip=None, skip_missing: bool = False) -> list[Path]:
     """Run every training and evaluation of ``protocol`` for ``method``; returns the run folders.
 
     Finished runs are skipped (unless ``force``), unfinished ones resume; ``overrides`` are the
@@ -255,13 +255,13 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
             run.method, run.dataset, root, backbone, run.run_dir, shots=run.shots,
             seed=run.seed, subsample=run.subsample, protocol=run.protocol,
             config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
-            device=device, clip=clip)
+            device=device, clip=clip, skip_missing=skip_missing)
         have = results.get("evaluations", {})
         missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
         for dataset, subsample in missing:
             log("%s: evaluating on %s/%s", tag, dataset, subsample)
             engine.evaluate_run(run.run_dir, dataset, root, subsample=subsample, device=device,
-                                clip=clip)
+                                clip=clip, skip_missing=skip_missing)
         if state != "done":
             evaluations = (read_results(run.run_dir) or {}).get("evaluations", {})
             log("%s: done (%s)", tag, ", ".join(

@@ -43,3 +43,30 @@ def test_methods_and_user_errors(world, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--dataset", "eurosat",
                  "--root", str(world.data)]) == 1
     assert "not a vlprompt run folder" in capsys.readouterr().err
+
+
+def test_skip_missing_drops_missing_images(tmp_path):
+    """A missing image stops `train` with the file named; --skip-missing drops it and trains."""
+    import shutil
+
+    from vlprompt.cli import main as cli_main
+    from vlprompt.clip.load import save_clip
+    from vlprompt.clip.model import CLIPConfig, build_clip
+    from vlprompt.data.synthetic import write_dataset
+
+    folder = write_dataset(tmp_path / "data", "eurosat", num_classes=4, images_per_class=6)
+    missing = sorted((folder / "2750").rglob("*.jpg"))[0]
+    missing.unlink()
+    backbone = save_clip(build_clip(CLIPConfig(embed_dim=32, image_size=32, patch_size=8,
+                                               vision_width=64, vision_layers=2, vision_heads=2,
+                                               text_width=64, text_layers=2, text_heads=2)),
+                         tmp_path / "tiny.safetensors")
+    argv = ["train", "--method", "coop", "--dataset", "eurosat", "--root", str(tmp_path / "data"),
+            "--backbone", str(backbone), "--shots", "2", "--output", str(tmp_path / "out"),
+            "--device", "cpu", "train.max_epoch=1", "train.num_workers=0", "train.batch_size=2",
+            "method.n_ctx=2"]
+    assert cli_main(argv) == 1
+    assert cli_main(argv[:1] + ["--skip-missing"] + argv[1:]) == 0
+    results = next((tmp_path / "out").rglob("results.json"))
+    assert results.exists()
+    shutil.rmtree(tmp_path / "out")

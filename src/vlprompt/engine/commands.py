@@ -27,6 +27,7 @@ def cmd_train(args) -> int:
                              shots=args.shots, seed=args.seed, subsample=args.subsample,
                              protocol=args.protocol, config_file=args.config,
                              overrides=args.overrides, resume=args.resume, force=args.force,
+                             skip_missing=args.skip_missing,
                              device=args.device)
     from .distributed import is_main
 
@@ -42,7 +43,7 @@ def cmd_eval(args) -> int:
     from .run import evaluate_run
 
     entry = evaluate_run(args.checkpoint, args.dataset, args.root, subsample=args.subsample,
-                         device=args.device)
+                         device=args.device, skip_missing=args.skip_missing)
     if is_main():
         print(_summary(entry))
     return 0
@@ -94,6 +95,8 @@ def register(sub) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="refuse to continue an existing checkpoint")
     p.add_argument("--force", action="store_true", help="delete the run folder's outputs and start over")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="drop image files listed in the split but missing on disk (with a warning)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if available)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_train)
@@ -106,6 +109,8 @@ def register(sub) -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--subsample", default="all", choices=["all", "base", "new"])
     p.add_argument("--device", default=None)
+    p.add_argument("--skip-missing", action="store_true",
+                   help="drop image files listed in the split but missing on disk (with a warning)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list the methods, their config fields and defaults")

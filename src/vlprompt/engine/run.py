@@ -137,7 +137,7 @@ def run_experiment(method: str, dataset: str, root: PathLike, backbone, run_dir:
                    shots: int = 16, seed: int = 1, subsample: str = "all",
                    protocol: Optional[str] = None, config_file: Optional[PathLike] = None,
                    overrides: Sequence[str] = (), resume: bool = True, force: bool = False,
-                   device=None, clip=None, *, epoch_callback=None,
+                   device=None, clip=None, *, skip_missing: bool = False, epoch_callback=None,
                    show_progress: Optional[bool] = None) -> dict:
     """Train ``method`` on ``dataset`` (``shots`` per class, ``seed``, classes ``subsample``) and
     evaluate it on the test split of the same classes. Returns the ``results.json`` content.
@@ -196,7 +196,7 @@ def run_experiment(method: str, dataset: str, root: PathLike, backbone, run_dir:
 
         checksum = state_checksum(clip)
         split = load_split(dataset, root, shots=shots if method_cls.trainable else -1, seed=seed,
-                           subsample=subsample)
+                           subsample=subsample, skip_missing=skip_missing)
         if D.is_main():
             logger.info("Loading dataset: %s (%s classes; %d train, %d test images)", dataset,
                         len(split.classnames), len(split.train), len(split.test))
@@ -266,7 +266,7 @@ def _build_from_run(run_dir: Path, header: dict, clip, classnames: Sequence[str]
 
 
 def evaluate_run(run_dir: PathLike, dataset: str, root: PathLike, subsample: str = "all",
-                 device=None, clip=None) -> dict:
+                 device=None, clip=None, skip_missing: bool = False) -> dict:
     """Evaluate a run's checkpoint on ``dataset``'s test split (classes ``subsample``): the
     evaluation entry, also merged into ``results.json`` as ``"<dataset>/<subsample>"``."""
     from ..data import ImageDataset, build_transform, load_split
@@ -284,7 +284,7 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: PathLike, subsample: str
     with _run_log(run_dir):
         clip = _load_clip(header["backbone"], device, clip)
         split = load_split(dataset, root, shots=-1, seed=int(header.get("seed", 1)),
-                           subsample=subsample)
+                           subsample=subsample, skip_missing=skip_missing)
         model = _build_from_run(run_dir, header, clip, split.classnames,
                                 method_template(get_method(header["method"]), split))
         model.to(device)
