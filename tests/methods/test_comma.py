@@ -231,3 +231,34 @@ def test_config_validation(field, value):
 def test_kd_layers_beyond_text_depth_is_an_error(clip3):
     with pytest.raises(ValueError, match="kd_layers"):
         build_method("comma", clip3, CLASSNAMES, kd_layers=4)
+
+
+def test_paper_mode_meets_the_gradient_and_checkpoint_contract(clip3):
+    """The contract matrix runs the default (released) mode; the paper switch must meet it too."""
+    torch.manual_seed(0)
+    m = build_method("comma", clip3, CLASSNAMES, depth=3, train_generators=True)
+    trainable = m.named_trainable_parameters()
+    others = {n for n, _ in m.named_parameters() if not n.startswith("clip.")}
+    assert others == set(trainable) and any(n.startswith("prompts.generators.") for n in others)
+    loss, _ = m.loss(*_images(4))
+    loss.backward()
+    for n, p in trainable.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    torch.manual_seed(1)
+    fresh = build_method("comma", clip3, CLASSNAMES, depth=3, train_generators=True)
+    fresh.load_trainable_state_dict(m.trainable_state_dict())
+    images, _ = _images(2, seed=5)
+    with torch.no_grad():
+        assert torch.equal(m(images), fresh(images))
+
+
+def test_packaged_configs_resolve_to_methods_md_settings():
+    from vlprompt.config import resolve_config
+
+    for protocol, depth, lr, epochs in [("base2new", 9, 0.0035, 5), ("fewshot", 9, 0.0035, 5),
+                                        ("xd", 3, 0.0026, 2)]:
+        cfg = resolve_config("comma", protocol)
+        assert cfg["method"]["depth"] == depth and cfg["method"]["kd_weight"] == 1.0
+        assert cfg["method"]["train_generators"] is False and cfg["method"]["kd_layers"] == 1
+        assert cfg["train"]["lr"] == lr and cfg["train"]["max_epoch"] == epochs
+        assert cfg["train"]["batch_size"] == 4
