@@ -216,8 +216,8 @@ class COMMA(Method):
         target = self.template_hidden_states()
         learned = torch.stack(list(hidden_states[-self.config.kd_layers:]))  # [K, C, L, Dt]
         if learned.shape != target.shape:
-            raise ValueError(f"comma: KD needs the untruncated block outputs {tuple(target.shape)}, "
-                             f"got {tuple(learned.shape)}")
+            raise ValueError(f"comma: KD needs the untruncated block outputs "
+                             f"{tuple(target.shape)}, got {tuple(learned.shape)}")
         cos = (F.normalize(learned.float(), dim=-1) * target).sum(-1)  # [K, C, L]
         return (1.0 - cos.mean(dim=(1, 2))).mean()
 
