@@ -124,10 +124,13 @@ class CoupledPrompts(nn.Module):
       ``couplings`` J-1 x Linear(Dt -> Dv) — vision prompts before block i = couplings[i-1](text
       prompt i); gradients flow through every coupling into the text prompts.
     The same depth applies to both towers (capped at the shallower one).
+
+    ``couplings=False`` leaves the per-layer Linear couplings out, for subclasses that generate
+    the deep vision prompts differently (COMMA) by overriding ``vision_prompts``.
     """
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], n_tokens: int,
-                 ctx_init: Optional[str], depth: int):
+                 ctx_init: Optional[str], depth: int, couplings: bool = True):
         super().__init__()
         depth = resolve_depth(depth, min(clip.transformer.layers, clip.visual.num_layers),
                               "coupled")
@@ -138,7 +141,7 @@ class CoupledPrompts(nn.Module):
         self.text_deep = DeepPromptStack(n_tokens, clip.text_width, depth, device=device)
         self.couplings = nn.ModuleList(
             [nn.Linear(clip.text_width, clip.vision_width, device=device)
-             for _ in range(depth - 1)])
+             for _ in range(depth - 1 if couplings else 0)])
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         self.text.set_classnames(classnames)
@@ -150,10 +153,13 @@ class CoupledPrompts(nn.Module):
                 in zip(self.text_deep.as_dict().items(), self.couplings)}
         return shallow, deep
 
-    def encode_text(self, clip: CLIP) -> Tensor:
-        """Prompted class text features [C, E], unnormalised."""
+    def encode_text(self, clip: CLIP, hidden_states: Optional[list] = None,
+                    truncate: bool = True) -> Tensor:
+        """Prompted class text features [C, E], unnormalised (``hidden_states``/``truncate`` as
+        in ``CLIP.encode_text_embeddings``; COMMA reads the block outputs of all positions)."""
         return clip.encode_text_embeddings(self.text.assemble(self.ctx), self.text.eot_indices,
-                                           deep_prompts=self.text_deep.as_dict())
+                                           deep_prompts=self.text_deep.as_dict(),
+                                           hidden_states=hidden_states, truncate=truncate)
 
     def encode_image(self, clip: CLIP, images: Tensor) -> Tensor:
         """Prompted image features [B, E], unnormalised."""
