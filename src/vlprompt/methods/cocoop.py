@@ -72,10 +72,11 @@ class CoCoOp(Method):
         self.prompts.set_classnames(self.classnames)
 
     def conditional_context(self, image_features: Tensor) -> Tensor:
-        """Image features [B, E] (unnormalised) -> per-image context [B, M, Dt]."""
+        """Image features [B, E] (unnormalised) -> per-image context [B, M, Dt]; class-specific
+        image vectors [B, C, E] give per-image-and-class context [B, C, M, Dt] (TOMML's CTP)."""
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        shift = self.meta_net(image_features.to(self.ctx.dtype))  # [B, Dt]
-        return self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # [B, M, Dt]
+        shift = self.meta_net(image_features.to(self.ctx.dtype))  # [..., Dt]
+        return self.ctx + shift.unsqueeze(-2)  # [B, M, Dt] or [B, C, M, Dt]
 
     def text_features(self, ctx: Tensor) -> Tensor:
         """Per-image context [B, M, Dt] -> class text features [B, C, E] (unnormalised)."""
