@@ -130,7 +130,8 @@ def test_text_to_image_contrastive_matches_hand_computation():
     for c in (0, 1, 2):
         log_p = torch.log_softmax(logits[:, c], dim=0)
         expected.append(-log_p[labels == c].mean())
-    torch.testing.assert_close(text_to_image_contrastive(logits, labels), torch.stack(expected).mean())
+    torch.testing.assert_close(text_to_image_contrastive(logits, labels),
+                               torch.stack(expected).mean())
 
 
 def test_loss_is_ce_plus_weighted_contrastive(tiny_clip):
@@ -182,7 +183,8 @@ def test_ctp_chunked_gradients_equal_unchunked(tiny_clip):
         method = _build("tomml", tiny_clip, text_chunk_size=size, checkpoint_chunks=ckpt)
         method.loss(x, y)[0].backward()
         grads.append(method.meta_net.linear1.weight.grad.clone())
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5 * float(grads[0].abs().max()))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5,
+                               atol=1e-5 * float(grads[0].abs().max()))
 
 
 # ---------------------------------------------------------------------------- config, count
