@@ -14,13 +14,11 @@ import dataclasses
 from collections import OrderedDict
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..clip.model import CLIP
 from .base import Method, MethodConfig
-from .prompts import TextPrompts
+from .prompts import TextPrompts, encode_per_sample_prompts
 from .registry import register_method
 
 
@@ -74,39 +72,17 @@ class CoCoOp(Method):
         self.prompts.set_classnames(self.classnames)
 
     def conditional_context(self, image_features: Tensor) -> Tensor:
-        """Image features [B, E] (unnormalised) -> per-image context [B, M, Dt]."""
+        """Image features [B, E] (unnormalised) -> per-image context [B, M, Dt]; class-specific
+        image vectors [B, C, E] give per-image-and-class context [B, C, M, Dt] (TOMML's CTP)."""
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        shift = self.meta_net(image_features.to(self.ctx.dtype))  # [B, Dt]
-        return self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # [B, M, Dt]
+        shift = self.meta_net(image_features.to(self.ctx.dtype))  # [..., Dt]
+        return self.ctx + shift.unsqueeze(-2)  # [B, M, Dt] or [B, C, M, Dt]
 
     def text_features(self, ctx: Tensor) -> Tensor:
         """Per-image context [B, M, Dt] -> class text features [B, C, E] (unnormalised)."""
-        tp = self.prompts
-        B, C = ctx.shape[0], tp.num_classes
-        eot = tp.eot_indices
-        total, chunk = B * C, self.config.text_chunk_size
-        if chunk == 0 or total <= chunk:
-            emb = tp.assemble_per_sample(ctx).flatten(0, 1)  # [B*C, L, D]
-            return self.clip.encode_text_embeddings(emb, eot.repeat(B)).view(B, C, -1)
-        # Chunked: build only each chunk's prompts. Cutting at the longest EOT first is exact
-        # (causal mask) and keeps the gathered chunks small.
-        length = int(eot.max()) + 1
-        emb = tp.embeddings[:, :length]
-        prefix, rest = emb[:, :1], emb[:, 1 + tp.n_ctx:]  # [C, 1, D], [C, L'-1-M, D]
-        ctx = ctx.to(emb.dtype)
-
-        def run(ctx: Tensor, flat: Tensor) -> Tensor:
-            b, c = flat // C, flat % C  # image and class of each prompt in the chunk
-            chunk_emb = torch.cat([prefix[c], ctx[b], rest[c]], dim=1)  # [n, L', D]
-            return self.clip.encode_text_embeddings(chunk_emb, eot[c])
-
-        use_ckpt = self.config.checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
-        feats = []
-        for start in range(0, total, chunk):
-            flat = torch.arange(start, min(start + chunk, total), device=ctx.device)
-            feats.append(checkpoint(run, ctx, flat, use_reentrant=False) if use_ckpt
-                         else run(ctx, flat))
-        return torch.cat(feats).view(B, C, -1)
+        return encode_per_sample_prompts(self.clip, self.prompts, ctx,
+                                         self.config.text_chunk_size,
+                                         self.config.checkpoint_chunks)
 
     def forward(self, images: Tensor) -> Tensor:
         image_features = self.clip.encode_image(images)  # [B, E]

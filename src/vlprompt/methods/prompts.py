@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..clip.model import CLIP
 from ..clip.tokenizer import encode, tokenize
@@ -105,3 +106,54 @@ class TextPrompts(nn.Module):
         rest = emb[:, 1 + M:].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, L-1-M, D]
         ctx = ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)  # [B, C, M, D]
         return torch.cat([prefix, ctx, rest], dim=2)
+
+
+def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chunk_size: int = 0,
+                              checkpoint_chunks: bool = False) -> Tensor:
+    """Image-conditional prompts through the text tower, B x C prompts in chunks.
+
+    The instance-conditional methods (CoCoOp, TOMML, MuPL) give every image its own context, so a
+    batch needs B x C text passes. Only each chunk's prompts are built (gathered from the fixed
+    class tokens and the context), so memory grows with ``chunk_size``, not with B x C; the result
+    does not depend on the chunk size. With ``checkpoint_chunks`` the chunks' activations are
+    recomputed in backward (exact, bounds training memory).
+
+    Args:
+        ctx: per-image context [B, M, D] (shared by the classes) or per-image-and-class context
+            [B, C, M, D]; class position "end".
+        chunk_size: prompts per text-tower call; 0 = one call.
+    Returns:
+        text features [B, C, E], unnormalised.
+    """
+    C, M = prompts.num_classes, prompts.n_ctx
+    if ctx.dim() not in (3, 4) or ctx.shape[-2] != M or (ctx.dim() == 4 and ctx.shape[1] != C):
+        raise ValueError(f"context must be [B, {M}, D] or [B, {C}, {M}, D], "
+                         f"got {tuple(ctx.shape)}")
+    if prompts.class_position != "end":
+        raise ValueError("per-sample prompts need class_position='end'")
+    B = ctx.shape[0]
+    per_class = ctx.dim() == 4
+    eot = prompts.eot_indices
+    # Cutting at the longest EOT first is exact (causal mask) and keeps the gathered chunks small.
+    length = int(eot.max()) + 1
+    emb = prompts.embeddings[:, :length]
+    prefix, rest = emb[:, :1], emb[:, 1 + M:]  # [C, 1, D], [C, L'-1-M, D]
+    ctx = ctx.to(emb.dtype)
+    if per_class:
+        ctx = ctx.flatten(0, 1)  # [B*C, M, D], row b*C + c
+
+    def run(ctx: Tensor, flat: Tensor) -> Tensor:
+        b, c = flat // C, flat % C  # image and class of each prompt in the chunk
+        rows = ctx[flat] if per_class else ctx[b]  # [n, M, D]
+        chunk_emb = torch.cat([prefix[c], rows, rest[c]], dim=1)  # [n, L', D]
+        return clip.encode_text_embeddings(chunk_emb, eot[c])
+
+    total = B * C
+    step = total if chunk_size <= 0 else chunk_size
+    use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
+    feats = []
+    for start in range(0, total, step):
+        flat = torch.arange(start, min(start + step, total), device=ctx.device)
+        feats.append(checkpoint(run, ctx, flat, use_reentrant=False) if use_ckpt
+                     else run(ctx, flat))
+    return torch.cat(feats).view(B, C, -1)
