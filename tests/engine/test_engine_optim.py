@@ -48,6 +48,20 @@ def test_optimizer_settings_and_per_group_lrs(world):
                                                        0.05 * (1 + math.cos(math.pi / 3))])
 
 
+def test_per_group_warmup_overrides_the_config(world):
+    coop = build_method("coop", world.clip, ["a", "b"], n_ctx=2)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    coop.register_parameter("extra", extra)
+    coop.param_groups = lambda lr: [{"params": [coop.ctx], "lr": 0.002, "warmup_epoch": 1},
+                                    {"params": [extra], "lr": lr}]
+    cfg = TrainConfig(max_epoch=6, lr=0.01, warmup_epoch=3)
+    opt = build_optimizer(coop, cfg)
+    assert set_epoch_lr(opt, 0, cfg) == [1e-5, 1e-5]
+    assert set_epoch_lr(opt, 1, cfg) == [0.002, 1e-5]
+    assert set_epoch_lr(opt, 3, cfg) == pytest.approx(
+        [0.001 * (1 + math.cos(2 * math.pi / 6)), 0.01])
+
+
 def test_method_without_parameters_cannot_be_optimised(world):
     zs = build_method("zeroshot", world.clip, ["a", "b"])
     with pytest.raises(ValueError, match="no trainable parameters"):

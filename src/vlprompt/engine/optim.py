@@ -7,24 +7,31 @@ With warmup W and T = max_epoch, Dassl's chained schedulers give, for the 0-base
 ``lr(e) = warmup_lr`` for e < W, and ``base_lr * (1 + cos(pi * (e - W) / T)) / 2`` for e >= W
 (the cosine is not re-counted after the warmup, so it never reaches 0 within the run).
 The schedule is computed in closed form from the epoch, so resuming restores it exactly.
+A parameter group may carry its own ``warmup_epoch`` (DPT warms its text context up for 1 epoch
+and its visual prompts for 10, each with its own Dassl scheduler); groups without one use the
+config's.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from ..config import TrainConfig
 
 
-def lr_at_epoch(epoch: int, base_lr: float, config: TrainConfig) -> float:
-    """Learning rate of one parameter group during the 0-based ``epoch``."""
-    if epoch < config.warmup_epoch:
+def lr_at_epoch(epoch: int, base_lr: float, config: TrainConfig,
+                warmup_epoch: Optional[int] = None) -> float:
+    """Learning rate of one parameter group during the 0-based ``epoch`` (``warmup_epoch``
+    overrides ``config.warmup_epoch`` for that group)."""
+    warmup = config.warmup_epoch if warmup_epoch is None else int(warmup_epoch)
+    if epoch < warmup:
         return config.warmup_lr
     if config.lr_scheduler == "constant":
         return base_lr
-    step = epoch - config.warmup_epoch
+    step = epoch - warmup
     return base_lr * (1 + math.cos(math.pi * step / config.max_epoch)) / 2
 
 
@@ -45,6 +52,6 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, config: TrainConf
     """Set every group's LR for ``epoch``; returns the LRs."""
     lrs = []
     for group in optimizer.param_groups:
-        group["lr"] = lr_at_epoch(epoch, group["base_lr"], config)
+        group["lr"] = lr_at_epoch(epoch, group["base_lr"], config, group.get("warmup_epoch"))
         lrs.append(group["lr"])
     return lrs
