@@ -1,6 +1,5 @@
 """Every benchmark layout: a synthetic copy in the real layout loads with the right classes."""
 
-import json
 import math
 
 import pytest

@@ -6,14 +6,14 @@ Models"): M learnable context vectors replace the hand-written words of the prom
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Method
-from .prompts import TextPrompts
+from .prompts import FrozenFeatureCache, TextPrompts
 from .registry import register_method
 
 
@@ -61,7 +61,7 @@ class CoOp(Method):
         else:
             ctx = base
         self.ctx = nn.Parameter(ctx.to(self.device))
-        self._cache: Optional[tuple[tuple, Tensor]] = None
+        self._cache = FrozenFeatureCache()
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         names = [c.replace("_", " ") for c in classnames]
@@ -70,7 +70,7 @@ class CoOp(Method):
                              f"classes and cannot be applied to {len(names)} other classes")
         self.classnames = names
         self.prompts.set_classnames(names)
-        self._cache = None
+        self._cache.clear()
 
     def text_features(self) -> Tensor:
         """Unnormalised text features [C, E] of the learned prompts."""
@@ -78,16 +78,8 @@ class CoOp(Method):
         return self.clip.encode_text_embeddings(embeddings, self.prompts.eot_indices)
 
     def _text_features_cached(self) -> Tensor:
-        if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return self.text_features()
-        # the version counter catches optimiser steps and loads; the sum also catches edits
-        # made through ``.data``
-        key = (self.ctx._version, float(self.ctx.sum()), self.ctx.data_ptr(), self.ctx.device,
-               id(self.prompts.tokens), torch.is_autocast_enabled(self.ctx.device.type))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.text_features())
-        return self._cache[1]
+        """``text_features``, reused across batches when nothing can change them (no grad)."""
+        return self._cache.get(self.ctx, self.prompts.tokens, self.text_features)
 
     def forward(self, images: Tensor) -> Tensor:
         image_features = self.clip.encode_image(images.to(self.clip.dtype))

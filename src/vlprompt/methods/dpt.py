@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..clip.model import CLIP
 from .base import Method, MethodConfig
 from .deep_prompts import PROMPT_INIT_STD
-from .prompts import TextPrompts, hand_crafted_text_features
+from .prompts import FrozenFeatureCache, TextPrompts, hand_crafted_text_features
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class DPT(Method):
         self.aux_classifiers = self._new_classifiers(len(self.classnames))
         self.register_buffer("template_features", None, persistent=False)
         self.epoch = 0
-        self._cache: Optional[tuple[tuple, Tensor]] = None
+        self._cache = FrozenFeatureCache()
 
     def _new_classifiers(self, num_classes: int) -> nn.ModuleList:
         return nn.ModuleList(
@@ -185,7 +185,7 @@ class DPT(Method):
         self.classnames = names
         self.prompts.set_classnames(names)
         self.template_features = None
-        self._cache = None
+        self._cache.clear()
 
     # ------------------------------------------------------------------ features
     def hand_crafted_features(self) -> Tensor:
@@ -202,14 +202,7 @@ class DPT(Method):
 
     def _text_features_cached(self) -> Tensor:
         """``text_features``, reused across batches when nothing can change them (no grad)."""
-        if torch.is_grad_enabled():
-            self._cache = None
-            return self.text_features()
-        key = (self.ctx._version, float(self.ctx.sum()), self.ctx.data_ptr(), self.ctx.device,
-               id(self.prompts.tokens), torch.is_autocast_enabled(self.ctx.device.type))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.text_features())
-        return self._cache[1]
+        return self._cache.get(self.ctx, self.prompts.tokens, self.text_features)
 
     def select_classes(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Zero-shot CLIP's choice: (normalised frozen image features [B, E], indices [B, K] of

@@ -157,3 +157,29 @@ def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chu
         feats.append(checkpoint(run, ctx, flat, use_reentrant=False) if use_ckpt
                      else run(ctx, flat))
     return torch.cat(feats).view(B, C, -1)
+
+
+class FrozenFeatureCache:
+    """Reuse text features computed from a learned context while nothing can change them.
+
+    Evaluation of non-conditional methods calls the text tower once, not once per batch
+    (DESIGN.md "Performance"). The cache is bypassed whenever gradients are enabled, and its key
+    catches optimiser steps and loads (the tensor's version counter), edits through ``.data``
+    (its sum), moves, a new class list (``tokens`` identity) and autocast changes.
+    """
+
+    def __init__(self) -> None:
+        self._entry: Optional[tuple[tuple, Tensor]] = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def get(self, ctx: Tensor, tokens: Tensor, compute) -> Tensor:
+        if torch.is_grad_enabled():
+            self._entry = None
+            return compute()
+        key = (ctx._version, float(ctx.sum()), ctx.data_ptr(), ctx.device, id(tokens),
+               torch.is_autocast_enabled(ctx.device.type))
+        if self._entry is None or self._entry[0] != key:
+            self._entry = (key, compute())
+        return self._entry[1]

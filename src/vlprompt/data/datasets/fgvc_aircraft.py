@@ -4,7 +4,6 @@
 ``variants.txt`` (label = line index) and the three split lists (``<id> <variant name>``).
 """
 
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 from ...clip.templates import dataset_template
