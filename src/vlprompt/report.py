@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from .fileio import atomic_write_bytes, atomic_write_text
 from .protocols import DG_TARGETS, STANDARD_DATASETS
 
 logger = logging.getLogger(__name__)
@@ -361,13 +362,6 @@ def format_tables(tables: Sequence[Table], fmt: str = "md") -> str:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: Union[str, bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -388,7 +382,7 @@ def write_plots(records: Sequence[RunRecord], folder: PathLike) -> list[Path]:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         path = folder / f"{_safe(name)}.png"
-        _write_atomic(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         written.append(path)
 
     fewshot = _groups(records, ["fewshot"])
@@ -457,7 +451,7 @@ def report(runs_dir: PathLike, fmt: str = "md", output: Optional[PathLike] = Non
     records = collect_results(runs_dir)
     text = format_tables(build_tables(records), fmt)
     if output is not None:
-        _write_atomic(Path(output), text)
+        atomic_write_text(output, text)
         logger.info("wrote %s", output)
     if plot_dir is not None:
         for path in write_plots(records, plot_dir):

@@ -15,7 +15,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..fileio import atomic_write
 from .model import CLIP, CLIPConfig
 
 logger = logging.getLogger(__name__)
@@ -98,21 +98,18 @@ def resolve_backbone(name_or_path: Union[str, os.PathLike], download: bool = Tru
 
 def _download(url: str, target: Path, sha256: str) -> None:
     """Download to a temporary file, check SHA-256, then move into place (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("downloading %s -> %s", url, target)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+
+    def fetch(tmp: str) -> None:
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != sha256:
             raise OSError(f"SHA-256 mismatch for {url}: got {digest.hexdigest()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(target, fetch)
 
 
 # --------------------------------------------------------------------------- reading formats
@@ -318,23 +315,13 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
 def save_clip(model: CLIP, path: Union[str, os.PathLike]) -> Path:
     """Save in the OpenAI key layout: ``.safetensors`` (architecture in the metadata, so
     non-standard head counts or GELU load back exactly) or a ``.pt`` state dict. Atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save_file
 
-            save_file(state, tmp, metadata={"vlprompt_config": json.dumps(model.config.to_dict())})
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        metadata = {"vlprompt_config": json.dumps(model.config.to_dict())}
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def state_checksum(model: torch.nn.Module) -> str:

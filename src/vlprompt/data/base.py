@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 from ..clip.templates import DEFAULT_TEMPLATE
+from ..fileio import atomic_write_text  # noqa: F401 (re-exported to the dataset modules)
 from .records import PathLike, Record
 
 logger = logging.getLogger(__name__)
@@ -57,14 +58,6 @@ def read_imagenet_classnames(path: PathLike) -> Dict[str, str]:
             raise ValueError(f"{path}:{n}: expected '<wnid> <class name>', got {line!r}")
         out[parts[0]] = " ".join(parts[1:])
     return out
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Dataset:

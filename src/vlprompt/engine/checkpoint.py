@@ -13,46 +13,21 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import __version__
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text  # noqa: F401 (used by run.py)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 HEADER_FILE = "checkpoint.json"
 STATE_FILE = "training_state.pt"
 
 PathLike = Union[str, os.PathLike]
-
-
-# --------------------------------------------------------------------------- atomic writes
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    return _atomic(Path(path), write)
-
-
-def atomic_write_json(path: PathLike, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # --------------------------------------------------------------------------- RNG
@@ -111,10 +86,10 @@ def save_checkpoint(run_dir: PathLike, method, header: dict,
     run_dir = Path(run_dir)
     state = {k: v.detach().to("cpu").contiguous() for k, v in method.trainable_state_dict().items()}
     epoch = str(header.get("epoch", 0))
-    _atomic(run_dir / CHECKPOINT_FILE,
+    atomic_write(run_dir / CHECKPOINT_FILE,
             lambda tmp: save_file(state, tmp, metadata={"epoch": epoch, "method": method.name}))
     if training_state is not None:
-        _atomic(run_dir / STATE_FILE, lambda tmp: torch.save(training_state, tmp))
+        atomic_write(run_dir / STATE_FILE, lambda tmp: torch.save(training_state, tmp))
     atomic_write_json(run_dir / HEADER_FILE, header)
 
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -21,6 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 
 from ..clip.load import cache_dir
 from ..clip.model import CLIP
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text
+from ..report import harmonic_mean
 from . import benchmark as bench
 from .pretrain import PretrainConfig, load_or_pretrain
 
@@ -104,10 +105,6 @@ def trainable_methods() -> list[str]:
     return [m for m in list_methods() if get_method(m).trainable]
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def run_demo(output: Union[str, os.PathLike], data_root: Optional[Union[str, os.PathLike]] = None,
              config: Optional[DemoConfig] = None, methods: Optional[Sequence[str]] = None,
              force: bool = False, say: Callable[[str], None] = logger.info) -> dict:
@@ -173,8 +170,8 @@ def run_demo(output: Union[str, os.PathLike], data_root: Optional[Union[str, os.
     }
     output.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, summary["chance"])
-    _atomic_write(output / "table.md", table + "\n")
-    _atomic_write(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(output / "table.md", table + "\n")
+    atomic_write_json(output / "summary.json", summary)
     plot_results(rows, summary["chance"], output / "base2new.png")
     summary["table"] = table
     return summary
@@ -212,10 +209,8 @@ def plot_results(rows: Sequence[dict], chance: dict, path: Path) -> Path:
     ax.set_title("vlprompt demo: base-to-new on the toy world")
     ax.legend(loc="upper left", ncol=4, fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -236,9 +231,3 @@ def _jsonable(obj):
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from torch import Tensor
 
 from ..clip.load import cache_dir, load_clip, save_clip
 from ..clip.model import CLIP, CLIPConfig, build_clip
+from ..fileio import atomic_write_json
 from ..clip.tokenizer import tokenize
 from . import benchmark, world
 from .version import TOYWORLD_VERSION
@@ -224,15 +223,8 @@ def load_or_pretrain(config: Optional[PretrainConfig] = None, force: bool = Fals
         logger.info("pretraining the toy-world CLIP (%d steps) -> %s", config.steps, path)
         model, log = pretrain(config, progress=progress)
         save_clip(model, path)
-        _write_json(path.with_suffix(".json"), log)
+        atomic_write_json(path.with_suffix(".json"), log)
         logger.info("pretrained in %.1fs (final loss %.3f)", log["seconds"], log["final_loss"])
     else:
         logger.info("reusing the cached toy-world CLIP %s", path)
     return load_clip(path), path
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
