@@ -211,13 +211,13 @@ def test_stale_results_of_another_backbone_are_refused(tmp_path, engine):
     dirs = run(tmp_path, "fewshot", shots="1", seeds="1", clip=clip)
     path = dirs[0] / "results.json"
     results = json.loads(path.read_text())
-    results["backbone_checksum"] = "0123456789abcdef"
+    results["backbone_fingerprint"] = "sha256:0123456789abcdef"
     path.write_text(json.dumps(results))
     with pytest.raises(ValueError, match="another backbone"):
         run(tmp_path, "fewshot", shots="1", seeds="1", clip=clip)
-    from vlprompt.clip.load import state_checksum
+    from vlprompt.clip.fingerprint import backbone_fingerprint
 
-    results["backbone_checksum"] = state_checksum(clip)
+    results["backbone_fingerprint"] = backbone_fingerprint(clip)
     path.write_text(json.dumps(results))
     engine.calls.clear()
     run(tmp_path, "fewshot", shots="1", seeds="1", clip=clip)

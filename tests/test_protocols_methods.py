@@ -8,6 +8,7 @@ import json
 import pytest
 
 from vlprompt.cli import main
+from vlprompt.engine.rundir import RunDir
 from vlprompt.methods import get_method, list_methods
 
 
@@ -34,7 +35,7 @@ def test_base2new_runs_for_method(setup, method, capsys):
     assert results["train"]["finished"]
     assert (results["num_trainable_params"] > 0) == trains
     if trains:
-        assert (run_dir / "checkpoint.safetensors").exists()
+        assert RunDir(run_dir).latest_generation(verify=True).tensors.is_file()
         assert len(results["train"]["loss_history"]) == 2
     capsys.readouterr()
     assert main(["report", str(out / "base2new" / method)]) == 0

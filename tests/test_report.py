@@ -44,7 +44,7 @@ def write_result(root: Path, protocol, method, dataset, shots, seed, subsample, 
         evaluations[key] = {"dataset": ds, "subsample": sub, "accuracy": acc, "macro_f1": acc,
                             "num_images": 100, "num_correct": round(acc)}
     data = {"vlprompt_version": "0.1.0", "method": method, "protocol": protocol,
-            "dataset": dataset, "backbone": backbone, "backbone_checksum": "abc", "shots": shots,
+            "dataset": dataset, "backbone": backbone, "backbone_fingerprint": "sha256:abc", "shots": shots,
             "seed": seed, "subsample": subsample, "config": {}, "num_trainable_params": 10,
             "train": {"epochs": 1, "loss_history": [1.0], "time_s": 0.1, "finished": finished},
             "evaluations": evaluations}
@@ -156,9 +156,26 @@ def test_unfinished_and_duplicate_runs(tmp_path):
                  finished=False)
     md = report(tmp_path / "a")
     assert table_row(md, "Few-shot: coop", "dtd") == ["40.00"]  # the unfinished seed is left out
+    # the same run under another output root (e.g. the demo's) is reported apart, not averaged
     write_result(tmp_path / "b", "fewshot", "coop", "dtd", 1, 1, "all", {"dtd/all": 45.0})
-    with pytest.raises(ValueError, match="two results for seed 1"):
-        report(tmp_path)
+    md = report(tmp_path)
+    assert table_row(md, "Few-shot: coop [a]", "dtd") == ["40.00"]
+    assert table_row(md, "Few-shot: coop [b]", "dtd") == ["45.00"]
+    # two runs of one seed with the same settings in one experiment are an error naming both
+    for name, lr in (("x", 0.002), ("y", 0.002), ("z", 0.01)):
+        folder = write_result(tmp_path / "c", "fewshot", "coop", "dtd", 1, 1, "all",
+                              {"dtd/all": 50.0 + 10 * lr})
+        data = json.loads((folder / "results.json").read_text())
+        data["config"] = {"train": {"lr": lr, "num_workers": 0}}
+        target = tmp_path / "d" / name
+        target.mkdir(parents=True)
+        (target / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"two results for seed 1 of coop \(train.lr=0.002\)"):
+        report(tmp_path / "d")
+    (tmp_path / "d" / "y" / "results.json").unlink()
+    md = report(tmp_path / "d")  # config grid points are separate rows
+    assert table_row(md, "Few-shot: coop (train.lr=0.002)", "dtd") == ["50.02"]
+    assert table_row(md, "Few-shot: coop (train.lr=0.01)", "dtd") == ["50.10"]
     with pytest.raises(FileNotFoundError, match="no finished results.json"):
         report(tmp_path / "a" / "fewshot" / "coop" / "dtd" / "shots_1" / "seed2")
 

@@ -42,10 +42,17 @@ class TrainConfig:
     precision: str = "auto"
     #: split each batch into this many chunks (same gradient, less memory)
     grad_accum: int = 1
-    num_workers: int = 4
+    #: DataLoader worker processes; None (default) chooses from the machine (``runtime``).
+    #: Augmentation is seeded per item, so the value never changes the results.
+    num_workers: Optional[int] = None
     #: log a line every this many batches
     print_freq: int = 10
     seed: int = 1
+    #: also commit a checkpoint within an epoch every this many steps (0: off) ...
+    checkpoint_every_steps: int = 0
+    #: ... and whenever this many minutes passed since the last one (0: off), so a long epoch
+    #: (ImageNet: thousands of steps) is not lost to a kill; resuming mid-epoch is exact
+    checkpoint_every_minutes: float = 10.0
     #: epochs by number of shots (e.g. CoOp few-shot: {1: 50, 2: 100, ...}); overrides max_epoch
     #: unless max_epoch is set explicitly by a user file or an override
     shots_epochs: Optional[dict] = None

@@ -15,18 +15,20 @@ _RUN_DESCRIPTION = (
     "resume.")
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlprompt run", description=_RUN_DESCRIPTION)
-    p.add_argument("protocol", metavar="PROTOCOL", help=f"one of {', '.join(PROTOCOLS)}")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides applied to every run (e.g. train.max_epoch=2)")
-    p.add_argument("--method", required=True, help="method name (see `vlprompt list-methods`)")
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("protocol", metavar="PROTOCOL",
+                   help=f"one of {', '.join(PROTOCOLS)}")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides applied to every run (e.g. train.max_epoch=2), anywhere "
+                        "on the line")
+    p.add_argument("--method", required=True, help="method name (see `vlprompt methods`)")
     p.add_argument("--datasets", default="all",
-                   help="comma-separated dataset names, or 'all' (default): the 11 standard "
-                        "datasets (xd: the 10 targets; dg: the 4 ImageNet variants)")
+                   help="comma-separated dataset names or dataset .yaml files, or 'all' (default): "
+                        "the 11 standard datasets (xd: the 10 targets; dg: the 4 ImageNet variants)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--root", required=True, help="data root holding the dataset folders")
-    p.add_argument("--backbone", default="ViT-B/16", help="backbone name or checkpoint path")
+    p.add_argument("--backbone", default="ViT-B/16",
+                   help="CLIP name or weights file (default ViT-B/16)")
     p.add_argument("--shots", default=None,
                    help="shots per class, comma-separated (default 16; fewshot: 1,2,4,8,16)")
     p.add_argument("--output", default="output", help="output folder (default ./output)")
@@ -36,27 +38,24 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("--skip-missing", action="store_true",
-                   help="drop image files listed in the split but missing on disk (with a warning)")
-    return p
+                   help="skip image files listed in the split that are missing on disk or cannot "
+                        "be decoded (with a warning)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    # The trailing key=value overrides may follow the options, which a sub-parser cannot
-    # intermix with a positional list; the sub-parser therefore hands over its words unparsed and
-    # this parser (no sub-parsers of its own) parses them intermixed.
-    opts = _run_parser().parse_intermixed_args(args.words)
     from .protocols import run_protocol
 
-    for item in opts.overrides:
+    for item in args.overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
-    run_dirs = run_protocol(opts.protocol, opts.method, opts.datasets, opts.seeds, opts.root,
-                            opts.backbone, output=opts.output, shots=opts.shots,
-                            config_file=opts.config, overrides=tuple(opts.overrides),
-                            force=opts.force, device=opts.device, source=opts.source,
-                            skip_missing=opts.skip_missing)
-    print(f"{len(run_dirs)} run(s) complete under {Path(opts.output) / opts.protocol}; "
-          f"tables: vlprompt report {opts.output}")
+    run_dirs = run_protocol(args.protocol, args.method, args.datasets, args.seeds, args.root,
+                            args.backbone, output=args.output, shots=args.shots,
+                            config_file=args.config, overrides=tuple(args.overrides),
+                            force=args.force, device=args.device, source=args.source,
+                            skip_missing=args.skip_missing)
+    roots = sorted({str(Path(d).parents[3]) for d in run_dirs})
+    print(f"{len(run_dirs)} run(s) complete under {', '.join(roots)}; "
+          f"tables: vlprompt report {args.output}")
     return 0
 
 
@@ -74,13 +73,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    # prefix_chars without "-": every word after `run` (options included) reaches _cmd_run as is
     run = sub.add_parser("run", help="run a protocol (base2new, fewshot, xd, dg) for a method",
-                         description=_RUN_DESCRIPTION, prefix_chars="\0", add_help=False,
-                         usage="vlprompt run PROTOCOL --method M --root DIR [--datasets D1,D2|all] "
-                               "[--seeds 1,2,3] [--backbone B] [--shots K[,K...]] [--output DIR] "
-                               "[--config YAML] [--force] [key=value ...]  (-h for details)")
-    run.add_argument("words", nargs="*")
+                         description=_RUN_DESCRIPTION)
+    _add_run_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="tables (and plots) from the results of protocol runs",

@@ -19,11 +19,13 @@ resumes from its last checkpoint (the engine does that). The backbone is loaded 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from .engine.rundir import RunResults
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,19 @@ class PlannedRun:
     subsample: str          # class subset trained on: "all" or "base"
     evaluations: tuple[tuple[str, str], ...]
     run_dir: Path
+    #: dataset name -> what to load it from, for datasets given as a ``.yaml`` file
+    specs: tuple[tuple[str, str], ...] = ()
+
+    def spec(self, dataset: str) -> str:
+        """What to pass to the data layer for ``dataset`` (its YAML file, else the name)."""
+        return dict(self.specs).get(dataset, dataset)
 
     @property
     def evaluation_keys(self) -> list[str]:
         """Keys of ``results["evaluations"]`` this run needs."""
-        return [f"{dataset}/{subsample}" for dataset, subsample in self.evaluations]
+        from .engine.rundir import evaluation_key
+
+        return [evaluation_key(dataset, subsample) for dataset, subsample in self.evaluations]
 
     def describe(self) -> str:
         return (f"{self.protocol} {self.method} {self.dataset} shots={self.shots} seed={self.seed}"
@@ -147,8 +157,16 @@ def plan_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]
             names = list(DG_TARGETS)
     else:
         names = _parse_list(datasets, "dataset")
+    from .data import dataset_name, is_dataset_file
+
     valid = known_datasets()
-    _check_names(names + ([source] if protocol in ("xd", "dg") else []), valid, "dataset")
+    specs = {dataset_name(n): n for n in names + [source] if is_dataset_file(n)}
+    names = [dataset_name(n) if is_dataset_file(n) else n for n in names]
+    if is_dataset_file(source):
+        source = dataset_name(source)
+    _check_names([n for n in names + ([source] if protocol in ("xd", "dg") else [])
+                  if n not in specs], valid, "dataset")
+    spec_pairs = tuple(specs.items())
 
     runs: list[PlannedRun] = []
     if protocol in ("base2new", "fewshot"):
@@ -160,7 +178,7 @@ def plan_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]
                     runs.append(PlannedRun(
                         protocol, method, dataset, k, seed, subsample,
                         tuple((dataset, e) for e in evals),
-                        run_dir_for(output, protocol, method, dataset, k, seed)))
+                        run_dir_for(output, protocol, method, dataset, k, seed), spec_pairs))
     else:
         if source in names:
             raise ValueError(f"{source!r} is the source dataset of {protocol!r}; "
@@ -171,38 +189,43 @@ def plan_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]
                 runs.append(PlannedRun(
                     train_protocol, method, source, k, seed, "all",
                     ((source, "all"),) + tuple((d, "all") for d in names),
-                    run_dir_for(output, train_protocol, method, source, k, seed)))
+                    run_dir_for(output, train_protocol, method, source, k, seed), spec_pairs))
     return runs
 
 
-def read_results(run_dir: PathLike) -> Optional[dict]:
-    """The run's ``results.json``, or None when there is none yet."""
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it or rerun with "
-                         f"--force") from None
-
-
-def run_state(run: PlannedRun, results: Optional[dict]) -> tuple[str, list[tuple[str, str]]]:
+def run_state(run: PlannedRun, results: Optional["RunResults"]) -> tuple[str, list[tuple[str, str]]]:
     """``(state, missing evaluations)`` with state one of ``new``, ``resume`` (started, training
     unfinished), ``evaluate`` (trained, evaluations missing), ``done``."""
+    from .engine.rundir import RunDir, RunResults, evaluation_key
+
+    if isinstance(results, dict):
+        results = RunResults.from_dict(results)
     if results is None:
-        started = run.run_dir.is_dir() and any(run.run_dir.iterdir())
-        return ("resume" if started else "new"), list(run.evaluations)
+        return ("resume" if RunDir(run.run_dir).started else "new"), list(run.evaluations)
     for key, expected in (("method", run.method), ("dataset", run.dataset), ("shots", run.shots),
                           ("seed", run.seed), ("subsample", run.subsample)):
-        if key in results and results[key] != expected:
-            raise ValueError(f"{run.run_dir / 'results.json'} is for {key}={results[key]!r}, "
+        if getattr(results, key) != expected:
+            raise ValueError(f"{run.run_dir / 'results.json'} is for {key}={getattr(results, key)!r}, "
                              f"not {expected!r}; use another --output or --force")
-    if not results.get("train", {}).get("finished", False):
+    if not results.finished:
         return "resume", list(run.evaluations)
-    have = results.get("evaluations", {})
-    missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
+    missing = [ev for ev in run.evaluations if evaluation_key(*ev) not in results.evaluations]
     return ("evaluate" if missing else "done"), missing
+
+
+def _check_backbone(run: PlannedRun, results, clip, backbone) -> None:
+    """The engine returns a finished run without loading its checkpoint, so a stale result of
+    another backbone would otherwise be reported as this one's."""
+    from .clip.fingerprint import backbone_fingerprint
+
+    if results is None or not results.backbone_fingerprint:
+        return
+    fingerprint = backbone_fingerprint(clip)
+    if results.backbone_fingerprint != fingerprint:
+        raise ValueError(
+            f"{run.run_dir} holds results of another backbone ({results.backbone!r}, fingerprint "
+            f"{results.backbone_fingerprint[:23]}) than {str(backbone)!r} (fingerprint "
+            f"{fingerprint[:23]}); use another --output or --force")
 
 
 def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]],
@@ -219,52 +242,43 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
     """
     runs = plan_protocol(protocol, method, datasets, seeds, output, shots, source=source)
     from . import engine
-    from .engine import distributed  # noqa: F401  (engine.distributed.default_device)
-    from .clip.load import load_clip, state_checksum
+    from .engine import distributed as D
+    from .clip.load import load_clip
+    from .engine.rundir import Evaluation, RunDir, RunResults, evaluation_key
 
-    engine.distributed.init_distributed(None if device is None else str(device))
-    device = engine.distributed.default_device(None if device is None else str(device))
+    D.init_distributed(None if device is None else str(device))
+    device = D.default_device(None if device is None else str(device))
     # under torchrun every rank walks the same plan (the engine splits the work); one logs it
-    log = logger.info if engine.distributed.is_main() else logger.debug
+    log = logger.info if D.is_main() else logger.debug
     if clip is None:
         log("loading backbone %s on %s", backbone, device)
         clip = load_clip(backbone, device=device)
-    checksum: Optional[str] = None
     total = len(runs)
     log("%s / %s: %d run(s) under %s", protocol, method, total, output)
     for n, run in enumerate(runs, 1):
         tag = f"[{n}/{total}] {run.describe()}"
-        results = None if force else read_results(run.run_dir)
-        if results is not None and results.get("backbone_checksum"):
-            # the engine returns a finished run without loading its checkpoint, so a stale
-            # result of another backbone would otherwise be reported as this one's
-            checksum = checksum or state_checksum(clip)
-            if results["backbone_checksum"] != checksum:
-                raise ValueError(
-                    f"{run.run_dir} holds results of another backbone "
-                    f"({results.get('backbone')!r}, checksum {results['backbone_checksum']}) "
-                    f"than {str(backbone)!r} (checksum {checksum}); use another --output or "
-                    f"--force")
+        folder = RunDir(run.run_dir)
+        results = None if force else folder.read_results()
+        _check_backbone(run, results, clip, backbone)
         state = "new" if force else run_state(run, results)[0]
         present = ", ".join(run.evaluation_keys)
         log("%s: %s", tag, {"new": "training", "resume": "resuming", "evaluate": "evaluating",
                             "done": f"skipped (finished; {present} present)"}[state])
         # Always through run_experiment: it returns a finished run at once, but first checks that
         # the run folder's config is the one asked for (else a changed override would be ignored).
-        results = engine.run_experiment(
-            run.method, run.dataset, root, backbone, run.run_dir, shots=run.shots,
+        results = RunResults.from_dict(engine.run_experiment(
+            run.method, run.spec(run.dataset), root, backbone, run.run_dir, shots=run.shots,
             seed=run.seed, subsample=run.subsample, protocol=run.protocol,
             config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
-            device=device, clip=clip, skip_missing=skip_missing)
-        have = results.get("evaluations", {})
-        missing = [ev for ev in run.evaluations if f"{ev[0]}/{ev[1]}" not in have]
-        for dataset, subsample in missing:
+            device=device, clip=clip, skip_missing=skip_missing))
+        for dataset, subsample in run_state(run, results)[1]:
             log("%s: evaluating on %s/%s", tag, dataset, subsample)
-            engine.evaluate_run(run.run_dir, dataset, root, subsample=subsample, device=device,
-                                clip=clip, skip_missing=skip_missing)
+            entry = engine.evaluate_run(run.run_dir, run.spec(dataset), root, subsample=subsample,
+                                        device=device, clip=clip, skip_missing=skip_missing)
+            key = evaluation_key(dataset, subsample)
+            results.evaluations[key] = Evaluation.from_dict(entry, key)
         if state != "done":
-            evaluations = (read_results(run.run_dir) or {}).get("evaluations", {})
             log("%s: done (%s)", tag, ", ".join(
-                f"{k} {evaluations[k]['accuracy']:.2f}%" for k in run.evaluation_keys
-                if evaluations.get(k, {}).get("accuracy") is not None))
+                f"{k} {results.accuracy(k):.2f}%" for k in run.evaluation_keys
+                if results.accuracy(k) is not None))
     return [run.run_dir for run in runs]

@@ -133,37 +133,94 @@ class RunRecord:
     seed: int
     subsample: str
     accuracy: dict[str, float]      # evaluation key "dataset/subsample" -> accuracy (%)
+    experiment: str = ""            # the folder holding the protocol tree (``demo``, ...)
+    settings: dict = dataclasses.field(default_factory=dict)   # config fields that can differ
+    #: the row/table label: the method, plus the experiment and settings that tell apart
+    #: otherwise identical runs (other output roots, config grid points)
+    group: str = ""
+
+
+def _experiment(path: Path, runs_dir: Path, protocol: Optional[str]) -> str:
+    """The part of a run folder's path (relative to ``runs_dir``) above the standard layout
+    ``<protocol>/<method>/<dataset>/shots_<K>/seed<S>``; for other layouts, its parent."""
+    try:
+        parts = path.parent.relative_to(runs_dir).parts
+    except ValueError:
+        parts = path.parent.parts
+    standard = (len(parts) >= 5 and parts[-2].startswith("shots_") and parts[-1].startswith("seed")
+                and parts[-5] in (protocol, "train", "xd"))
+    return "/".join(parts[:-5] if standard else parts[:-1])
+
+
+def _settings(config: dict) -> dict:
+    """Flattened method and train settings, without the runtime-only ones and the seed."""
+    from .engine.run import RUNTIME_ONLY
+
+    out = {}
+    for section in ("method", "train"):
+        for key, value in (config.get(section) or {}).items():
+            if section == "train" and (key in RUNTIME_ONLY or key == "seed"):
+                continue
+            out[f"{section}.{key}"] = json.dumps(value, sort_keys=True)
+    return out
+
+
+def _assign_groups(records: list[RunRecord]) -> None:
+    """Label each record so that runs of one method that differ in output root or config are
+    reported apart: ``maple``, ``maple [demo]``, ``coop (train.lr=0.002)``."""
+    by_method: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        by_method[r.method].append(r)
+    for method, recs in by_method.items():
+        experiments = {r.experiment for r in recs}
+        cells: dict[tuple, list[RunRecord]] = defaultdict(list)
+        for r in recs:  # settings may differ by dataset or shots (per-dataset epochs) ...
+            cells[(r.protocol, r.dataset, r.shots, r.subsample, r.experiment)].append(r)
+        varying = sorted({k for cell in cells.values() for r in cell for k in r.settings
+                          if len({x.settings.get(k) for x in cell}) > 1})  # ... not within one
+        for r in recs:
+            label = method
+            if len(experiments) > 1 and r.experiment:
+                label += f" [{r.experiment}]"
+            if varying:
+                label += " (" + ", ".join(f"{k}={json.loads(r.settings[k])}" for k in varying
+                                          if k in r.settings) + ")"
+            r.group = label
 
 
 def collect_results(runs_dir: PathLike) -> list[RunRecord]:
     """Every ``results.json`` under ``runs_dir`` whose training finished (others are logged and left
     out), in path order."""
+    from .engine.rundir import iter_run_dirs
+
     runs_dir = Path(runs_dir)
     if not runs_dir.exists():
         raise FileNotFoundError(f"runs folder {runs_dir} does not exist")
-    paths = [runs_dir] if runs_dir.is_file() else sorted(runs_dir.rglob("results.json"))
     records = []
-    for path in paths:
+    for run in iter_run_dirs(runs_dir):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            logger.warning("skipping %s: unreadable (%s)", path, err)
+            results = run.read_results()
+        except (OSError, ValueError) as err:
+            logger.warning("skipping %s: unreadable (%s)", run.results_path, err)
             continue
-        if not data.get("train", {}).get("finished", False):
-            logger.warning("skipping %s: training not finished", path)
+        if results is None or not results.finished:
+            logger.warning("skipping %s: training not finished", run.results_path)
             continue
         try:
             records.append(RunRecord(
-                path=path, protocol=data.get("protocol"), method=data["method"],
-                backbone=str(data.get("backbone", "")), dataset=data["dataset"],
-                shots=int(data["shots"]), seed=int(data["seed"]),
-                subsample=data.get("subsample", "all"),
-                accuracy={k: float(v["accuracy"]) for k, v in data.get("evaluations", {}).items()
-                          if v.get("accuracy") is not None}))
+                path=run.results_path, protocol=results.protocol, method=results.method,
+                backbone=str(results.backbone), dataset=results.dataset,
+                shots=int(results.shots), seed=int(results.seed), subsample=results.subsample,
+                accuracy={k: float(v.accuracy) for k, v in results.evaluations.items()
+                          if v.accuracy is not None},
+                experiment=_experiment(run.results_path, runs_dir if runs_dir.is_dir()
+                                       else runs_dir.parent, results.protocol),
+                settings=_settings(results.config)))
         except (KeyError, TypeError, ValueError) as err:
-            logger.warning("skipping %s: missing or bad field %s", path, err)
+            logger.warning("skipping %s: missing or bad field %s", run.results_path, err)
     if not records:
         raise FileNotFoundError(f"no finished results.json under {runs_dir}")
+    _assign_groups(records)
     return records
 
 
@@ -182,9 +239,9 @@ def _seed_values(records: Sequence[RunRecord], key: str) -> dict[int, float]:
     for r in records:
         if key in r.accuracy:
             if r.seed in out:
-                raise ValueError(f"two results for seed {r.seed} of {r.method} {key}: "
-                                 f"{where[r.seed]} and {r.path}; report one experiment folder "
-                                 f"at a time")
+                raise ValueError(f"two results for seed {r.seed} of {r.group or r.method} "
+                                 f"{key}: {where[r.seed]} and {r.path} (same method, settings "
+                                 f"and output root); remove one of them")
             out[r.seed], where[r.seed] = r.accuracy[key], r.path
     return out
 
@@ -199,7 +256,7 @@ def _groups(records: Sequence[RunRecord], protocols: Sequence[Optional[str]]):
     groups: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
     for r in records:
         if r.protocol in protocols:
-            groups[(r.method, r.backbone)].append(r)
+            groups[(r.group or r.method, r.backbone)].append(r)
     return groups
 
 
@@ -326,7 +383,8 @@ def other_tables(records: Sequence[RunRecord]) -> list[Table]:
     table = Table("other", "Other runs", keys, row_header="run")
     groups = defaultdict(list)
     for r in recs:
-        groups[(r.method, r.backbone, r.dataset, r.shots, r.subsample, r.protocol)].append(r)
+        groups[(r.group or r.method, r.backbone, r.dataset, r.shots, r.subsample,
+                r.protocol)].append(r)
     for (method, backbone, dataset, shots, subsample, protocol), sel in groups.items():
         label = f"{method} {dataset}/{subsample} {shots}-shot"
         if protocol:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import vlprompt
 from vlprompt.engine import evaluate_run
+from vlprompt.engine.rundir import RunDir
 
 SCRIPT = """
 import sys, json
@@ -45,7 +46,9 @@ def test_torchrun_two_processes_on_cpu(world, tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train"]["finished"] and len(results["train"]["loss_history"]) == 2
     log = (run_dir / "log.txt").read_text()
-    assert log.count("=> result") == 2 and log.count("Finish training") == 1  # rank 0 only
+    assert log.count("=> result") == 1 and log.count("Finish training") == 1  # rank 0 only
+    new_log = RunDir(run_dir).evaluation_log_path("eurosat", "new")
+    assert new_log.read_text().count("=> result") == 1
     for subsample in ("base", "new"):
         dist_entry = results["evaluations"][f"eurosat/{subsample}"]
         assert dist_entry["num_images"] == 25  # odd: no padding, no double counting

@@ -9,7 +9,8 @@ import yaml
 
 from vlprompt.clip.model import build_clip
 from vlprompt.engine import evaluate_run, predict_with_checkpoint, run_experiment
-from vlprompt.engine.checkpoint import read_tensors
+from vlprompt.engine.checkpoint import read_header, read_tensors
+from vlprompt.engine.rundir import RunDir
 
 FAST = ["num_workers=0", "print_freq=100"]
 COOP = ["max_epoch=10", "batch_size=8", *FAST]
@@ -26,7 +27,8 @@ def run(world, run_dir, method="coop", seed=1, overrides=COOP, **kw):
 def trained(world, tmp_path_factory):
     """CoOp (few-shot config: 16 random context vectors) on the 5 base classes, seeds 1 and 2."""
     root = tmp_path_factory.mktemp("runs")
-    return {seed: (root / f"seed{seed}", run(world, root / f"seed{seed}", seed=seed)) for seed in (1, 2)}
+    runs = {seed: root / "shots_8" / f"seed{seed}" for seed in (1, 2)}  # the protocol layout
+    return {seed: (folder, run(world, folder, seed=seed)) for seed, folder in runs.items()}
 
 
 def test_coop_learns_the_base_classes(trained):
@@ -42,7 +44,7 @@ def test_results_file_log_and_checkpoint(world, trained):
     run_dir, results = trained[1]
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
-    for key in ("vlprompt_version", "method", "protocol", "dataset", "backbone", "backbone_checksum",
+    for key in ("vlprompt_version", "method", "protocol", "dataset", "backbone", "backbone_fingerprint",
                 "shots", "seed", "subsample", "config", "num_trainable_params", "train",
                 "evaluations", "versions"):
         assert key in results, key
@@ -69,7 +71,11 @@ def test_evaluate_run_on_new_classes_and_predict(world, trained):
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["evaluations"]) == {"eurosat/base", "eurosat/new"}
     assert results["evaluations"]["eurosat/new"]["accuracy"] == entry["accuracy"]
-    assert (run_dir / "log.txt").read_text().count("=> result") == 2
+    # Dassl's parse_test_res.py reads the last block of <folder>/seed*/log.txt: the run's own
+    # log keeps only the base block, the new one has its own seed folder
+    assert (run_dir / "log.txt").read_text().count("=> result") == 1
+    new_log = run_dir.parent.parent / "shots_8_test_eurosat_new" / "seed1" / "log.txt"
+    assert new_log.read_text().count("=> result") == 1
     # the base evaluation is reproduced from the checkpoint alone
     again = evaluate_run(run_dir, "eurosat", world.data, subsample="base", clip=world.clip)
     assert again["accuracy"] == results["evaluations"]["eurosat/base"]["accuracy"]
@@ -84,10 +90,11 @@ def test_evaluate_run_on_new_classes_and_predict(world, trained):
 
 def test_finished_run_is_not_retrained_and_other_configs_refused(world, trained):
     run_dir, results = trained[1]
-    mtime = (run_dir / "checkpoint.safetensors").stat().st_mtime_ns
+    tensors = RunDir(run_dir).latest_generation().tensors
+    mtime = tensors.stat().st_mtime_ns
     again = run(world, run_dir, seed=1)
     assert again["train"] == results["train"]
-    assert (run_dir / "checkpoint.safetensors").stat().st_mtime_ns == mtime
+    assert tensors.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match=r"different config \(train.lr"):
         run(world, run_dir, seed=1, overrides=[*COOP, "lr=0.5"])
     # runtime-only settings do not block
@@ -107,7 +114,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(world, tmp_path):
 
     with pytest.raises(Killed):
         run(world, tmp_path / "resumed", overrides=overrides, epoch_callback=kill_after_first_epoch)
-    assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["epoch"] == 1
+    assert read_header(tmp_path / "resumed")["epoch"] == 1
     with pytest.raises(ValueError, match="holds a checkpoint"):
         run(world, tmp_path / "resumed", overrides=overrides, resume=False)
     resumed = run(world, tmp_path / "resumed", overrides=overrides)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from vlprompt.clip.load import state_checksum
+from vlprompt.clip.fingerprint import backbone_fingerprint
 from vlprompt.config import TrainConfig
 from vlprompt.engine import NonFiniteLossError, train_method
 from vlprompt.engine.checkpoint import read_header, read_tensors
@@ -33,17 +33,17 @@ def cfg(**kw):
 def test_training_moves_only_the_prompts_and_writes_a_checkpoint(world, tmp_path):
     torch.manual_seed(0)
     coop = build_method("coop", world.clip, NAMES, n_ctx=4)
-    before_clip, before_ctx = state_checksum(world.clip), coop.ctx.detach().clone()
+    before_clip, before_ctx = backbone_fingerprint(world.clip, recompute=True), coop.ctx.detach().clone()
     result = train_method(coop, tensor_data(), cfg(), run_dir=tmp_path, show_progress=False)
     assert result["finished"] and result["epochs"] == 2 and len(result["loss_history"]) == 2
-    assert state_checksum(world.clip) == before_clip
+    assert backbone_fingerprint(world.clip, recompute=True) == before_clip
     assert not torch.equal(coop.ctx.detach(), before_ctx)
     header = read_header(tmp_path)
     tensors, _ = read_tensors(tmp_path)
     assert header["method"] == "coop" and header["epoch"] == 2 and header["finished"]
-    assert header["classnames"] == NAMES and header["backbone_checksum"] == before_clip
+    assert header["classnames"] == NAMES and header["backbone_fingerprint"] == before_clip
     assert set(tensors) == {"ctx"} and torch.equal(tensors["ctx"], coop.ctx.detach())
-    assert (tmp_path / "checkpoint.safetensors").stat().st_size < 10_000
+    assert (tmp_path / "checkpoints" / "000003" / "checkpoint.safetensors").stat().st_size < 10_000
 
 
 class _Breaks(CoOp):
@@ -84,7 +84,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     method = _NaNAtEpoch2(world.clip, NAMES, CoOp.Config(n_ctx=2))
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1.*parts=.*ce.*lower train.lr"):
         train_method(method, tensor_data(), cfg(max_epoch=3), run_dir=tmp_path, show_progress=False)
-    header = json.loads((tmp_path / "checkpoint.json").read_text())
+    header = read_header(tmp_path)
     assert header["epoch"] == 1 and not header["finished"]
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import urllib.request
 import zipfile
@@ -24,6 +23,10 @@ import torch
 from torch import Tensor
 
 from ..fileio import atomic_write
+# re-exported: ``from vlprompt.clip.load import state_checksum`` keeps working
+from .fingerprint import (attach_fingerprint, backbone_fingerprint,  # noqa: F401
+                          fingerprint_matches, legacy_state_checksum, source_dtype,
+                          state_checksum, weights_fingerprint)
 from .model import CLIP, CLIPConfig
 
 logger = logging.getLogger(__name__)
@@ -138,47 +141,139 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Tensor], d
     path = Path(path)
     if path.is_dir():
         return _read_hf_folder(path)
-    meta: dict = {}
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        elif _is_torchscript(path):
-            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        else:
-            state = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as err:
-        raise ValueError(f"{path}: cannot read CLIP weights ({err}). Expected an OpenAI TorchScript "
-                         f"archive, a state dict (.pt/.pth/.bin/.safetensors) or a Hugging Face "
-                         f"CLIPModel folder.") from err
+    state, meta = _read_weights_file(path)
     if "vlprompt_config" in meta:
-        meta = json.loads(meta["vlprompt_config"])
+        try:
+            meta = json.loads(meta["vlprompt_config"])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: its vlprompt_config metadata is not valid JSON ({err}); "
+                             f"re-save the model with save_clip") from err
     if any(k.startswith(("text_model.", "vision_model.")) for k in state):
         state = convert_hf_state_dict(state)
     return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}, meta
+
+
+def _read_raw(path: Path) -> tuple[object, dict]:
+    """(loaded object, safetensors metadata) with the reader the file's format needs."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if _is_torchscript(path):
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), {}
+    return torch.load(str(path), map_location="cpu", weights_only=True), {}
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata of one weights file. Whatever a reader raises on a damaged file
+    (SafetensorError, IndexError, RuntimeError, UnpicklingError, ...) becomes one ValueError that
+    names the file and the fix; KeyboardInterrupt and MemoryError pass through."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "is empty (0 bytes)")
+    try:
+        obj, meta = _read_raw(path)
+    except (MemoryError, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001 - readers raise anything on damaged bytes
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if pickled:
+            raise ValueError(f"{path}: holds pickled Python objects ({pickled.group(1)}), not only "
+                             f"tensors, and vlprompt never unpickles code. Save the weights with "
+                             f"torch.save(model.state_dict(), path) instead") from err
+        raise _unreadable(path, _diagnose(path), err) from err
+    try:
+        return _unwrap(obj), meta
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _unreadable(path: Path, problem: str, err: Optional[BaseException] = None) -> ValueError:
+    """The one-line error for a damaged weights file: what is wrong, the reader's words, the fix."""
+    detail = ""
+    if err is not None:
+        words = str(err).split("WeightsUnpickler error:")[-1]  # past torch's weights_only advice
+        words = " ".join(words.split("Check the documentation")[0].split())
+        detail = f" ({type(err).__name__}: {words[:120]}{'...' if len(words) > 120 else ''})"
+    return ValueError(f"{path}: cannot read CLIP weights: the file {problem}{detail}. "
+                      f"{_fix(path)}")
+
+
+def _fix(path: Path) -> str:
+    """How to get a good copy: the cache file of a named backbone can simply be deleted."""
+    name = _cached_backbone(path)
+    if name is None:
+        return ("Re-download or re-copy it (a copy interrupted midway is the usual cause); "
+                "accepted formats: OpenAI TorchScript archives, state dicts "
+                "(.pt/.pth/.bin/.safetensors), Hugging Face CLIPModel folders.")
+    filename, sha = OPENAI_MODELS[name]
+    url = _OPENAI_URL.format(sha=sha, file=filename)
+    return (f"It is vlprompt's cached copy of {name}: delete {path} and vlprompt downloads it "
+            f"again when online, or put a good copy of {url} there (SHA-256 {sha}).")
+
+
+def _cached_backbone(path: Path) -> Optional[str]:
+    """The canonical name if ``path`` is a named backbone's file in the cache folder."""
+    for name, (filename, _) in OPENAI_MODELS.items():
+        if path.name == filename and path.resolve().parent == cache_dir().resolve():
+            return name
+    return None
+
+
+def _diagnose(path: Path) -> str:
+    """Truncated (a zip without its end, a safetensors file shorter than its header says) or
+    simply not a weights file: told apart from the first bytes, without reading the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return f"is truncated ({size} bytes: a zip archive cut before its end)"
+    if path.suffix == ".safetensors":
+        declared = _safetensors_size(path)
+        if declared is not None and declared > size:
+            return f"is truncated ({size} bytes; its header describes at least {declared})"
+        return "is corrupt or not a safetensors file"
+    return "is truncated, corrupt, or not a weights file"
+
+
+def _safetensors_size(path: Path) -> Optional[int]:
+    """The size a safetensors header implies (8 + header + data); None if there is no header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n >= 100 << 20:  # safetensors caps headers at 100 MB: random bytes
+            return None
+        text = f.read(n)
+    if not text.startswith(b"{"):
+        return None
+    if 8 + n > size:
+        return 8 + n  # the header itself is cut
+    try:
+        header = json.loads(text)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return 8 + n + max(ends, default=0)
 
 
 def _read_hf_folder(folder: Path) -> tuple[dict[str, Tensor], dict]:
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder}: a Hugging Face CLIPModel folder needs config.json")
-    hf = json.loads(config_file.read_text())
+    try:
+        hf = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({' '.join(str(err).split())}); the file "
+                         f"is truncated or corrupt. Re-download or re-copy the folder") from err
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
             weights = folder / name
             break
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    else:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
+    state, _ = _read_weights_file(weights)
     text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
     meta = {"text_heads": text.get("num_attention_heads", 8),
             "vision_heads": vision.get("num_attention_heads", 12),
@@ -291,7 +386,10 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
     state, meta = read_checkpoint(path)
     if activation:
         meta["activation"] = activation
-    config = infer_config(state, meta)
+    try:
+        config = infer_config(state, meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     model = CLIP(config)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
@@ -307,9 +405,19 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
                              f"{tuple(target.shape)} for the inferred architecture")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.source = str(path)  # recorded in checkpoints / results
+    model.source_dtype = source_dtype(state.values())  # "float16" for OpenAI archives
     model.backbone_name = canonical_backbone_name(str(name_or_path)) or str(name_or_path)
     model.requires_grad_(False).eval()
-    return model.to(device=device, dtype=dtype or torch.float32)
+    return _move_fingerprinted(model, device, dtype or torch.float32)
+
+
+def _move_fingerprinted(model: CLIP, device: Union[str, torch.device], dtype: torch.dtype) -> CLIP:
+    """Fingerprint the fp32 file weights, then move: a bf16 GPU copy keeps its file's identity."""
+    fingerprint = backbone_fingerprint(model)
+    model.to(device=device, dtype=dtype)
+    anchor = fingerprint if dtype == torch.float32 else backbone_fingerprint(model, recompute=True)
+    attach_fingerprint(model, fingerprint, anchor)
+    return model
 
 
 def save_clip(model: CLIP, path: Union[str, os.PathLike]) -> Path:
@@ -322,18 +430,3 @@ def save_clip(model: CLIP, path: Union[str, os.PathLike]) -> Path:
         metadata = {"vlprompt_config": json.dumps(model.config.to_dict())}
         return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def state_checksum(model: torch.nn.Module) -> str:
-    """Cheap fingerprint of a model's weights (a few statistics per tensor, hashed): used to tell
-    backbones apart in checkpoints and to verify the frozen CLIP is unchanged after training."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in sorted(model.state_dict().items()):
-            flat = t.detach().float().flatten()
-            stats = torch.stack([flat.sum(), flat.abs().sum(), (flat * flat).sum(),
-                                 flat[:: max(1, flat.numel() // 97)].sum()])
-            h.update(name.encode())
-            h.update(stats.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-

@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Ty
 
 from ..clip.templates import DEFAULT_TEMPLATE
 from ..fileio import atomic_write_text  # noqa: F401 (re-exported to the dataset modules)
-from .records import PathLike, Record
+from .records import PathLike, Record, check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,10 @@ def save_image(image, path: Path) -> None:
 def read_split_json(path: PathLike, image_root: PathLike) -> Dict[str, List[Record]]:
     """Read a split_zhou JSON (``{"train"|"val"|"test": [[relpath, label, classname], ...]}``).
 
-    Keeps item order (few-shot sampling depends on it). Malformed files raise ``ValueError``
-    naming the file and the first problem found.
+    Keeps item order (few-shot sampling depends on it). Malformed files, and labels that name no
+    class (outside 0..n-1 for the n distinct labels, one label with two class names or one class
+    name with two labels), raise a
+    one-line ``ValueError`` naming the file, the split and the first offending item.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,16 +161,25 @@ def read_split_json(path: PathLike, image_root: PathLike) -> Dict[str, List[Reco
         for i, item in enumerate(items):
             ok = (isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], str)
                   and isinstance(item[2], str))
-            try:
-                label = int(item[1]) if ok else -1
-            except (TypeError, ValueError):
-                label = -1
-            if not ok or label < 0:
+            label = _int_label(item[1]) if ok else None
+            if label is None:
                 raise ValueError(f"{path}: {split}[{i}] = {item!r} is not "
                                  f"[relative_path, label >= 0, classname]")
             records.append(Record(os.path.join(root, item[0]), label, item[2]))
         out[split] = records
+    check_labels(out, path, unique_names=True)
     return out
+
+
+def _int_label(value: object) -> Optional[int]:
+    """An integral label (``3`` or ``"3"``; not ``True`` or ``2.5``), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        label = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    return label if label == value or str(label) == str(value).strip() else None
 
 
 def write_split_json(path: PathLike, parts: Dict[str, List[Tuple[str, int, str]]]) -> None:

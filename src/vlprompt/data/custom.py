@@ -1,8 +1,8 @@
 """Custom datasets described by a YAML file, no code needed.
 
 ```yaml
-name: my_birds                 # optional, defaults to the file name
-image_root: images             # relative paths resolve against the YAML's folder
+name: my_birds                 # optional, defaults to the file name without .yaml
+image_root: images             # relative paths resolve against the YAML's folder, always
 # either a split_zhou JSON (paths relative to image_root) ...
 split_file: split.json
 # ... or class sub-folders: image_root/{train,val,test}/<class>/* ...
@@ -17,6 +17,11 @@ fewshot_dir: split_fewshot                     # optional folder of Dassl shot_K
 
 Folder-based classes are sorted by name, labels follow that order and files are sorted, so the
 split is reproducible.
+
+Relative ``image_root``, ``split_file`` and ``fewshot_dir`` resolve against the folder of the YAML
+file whatever the working directory and whatever ``--root`` says (a YAML needs no ``--root``, and
+one given is ignored), so a YAML moved together with its data keeps working. ``name`` is the
+dataset's name in results and run-folder names; it must not contain a path separator.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -35,6 +40,31 @@ from .records import PathLike, Record
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _KEYS = {"name", "image_root", "split_file", "folders", "split_ratios", "split_seed", "template",
          "classnames", "fewshot_dir"}
+
+
+def read_dataset_yaml(path: PathLike) -> Tuple[str, Dict[str, Any], Path]:
+    """(name, settings, absolute path) of a dataset YAML, without looking at any image."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} not found (a dataset .yaml; see "
+                                f"vlprompt.data.custom for its keys)")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a mapping of dataset settings (name, image_root, ...)")
+    return yaml_dataset_name(spec, str(path)), spec, path
+
+
+def yaml_dataset_name(spec: Dict[str, Any], source: str) -> str:
+    """The YAML's ``name:``, else the file stem; refused when it could not be a folder name."""
+    raw = spec.get("name")
+    name = str(raw).strip() if raw is not None and str(raw).strip() else Path(source).stem
+    if any(c in name for c in "/\\") or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"{source}: name {name!r} must not contain '/' or '\\' nor start "
+                         f"with '.' (it names the run folders); e.g. name: my_birds")
+    return name
 
 
 def _images_in(folder: Path) -> List[str]:
@@ -57,9 +87,9 @@ class CustomDataset(Dataset):
             raise ValueError(f"{source}: use only one of 'split_file', 'folders', 'split_ratios' "
                              f"(found {modes})")
         self.spec, self.source = spec, source
-        self.base_dir = Path(base_dir)
+        self.base_dir = Path(os.path.abspath(os.fspath(base_dir)))
         super().__init__(self._resolve(spec["image_root"]))
-        self.name = str(spec.get("name") or Path(source).stem)  # type: ignore[misc]
+        self.name = yaml_dataset_name(spec, source)  # type: ignore[misc]
         self.template = str(spec.get("template") or DEFAULT_TEMPLATE)  # type: ignore[misc]
         if "{}" not in self.template:
             raise ValueError(f"{source}: template {self.template!r} has no '{{}}' for the class name")
@@ -74,18 +104,10 @@ class CustomDataset(Dataset):
 
     @classmethod
     def from_yaml(cls, path: PathLike, root: Optional[PathLike] = None) -> "CustomDataset":
-        """Read a dataset YAML. Relative paths resolve against ``root`` when given, else the
-        YAML's own folder."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file {path} not found")
-        try:
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(spec, dict):
-            raise ValueError(f"{path}: expected a mapping of dataset settings")
-        return cls(spec, Path(root) if root is not None else path.parent, str(path))
+        """Read a dataset YAML. Relative paths resolve against the YAML's own folder; ``root`` is
+        ignored (kept so callers may pass their ``--root`` unchanged)."""
+        _, spec, path = read_dataset_yaml(path)
+        return cls(spec, path.parent, str(path))
 
     @property
     def dataset_dir(self) -> Path:

@@ -49,6 +49,37 @@ class Split:
         return len(self.classnames)
 
 
+def check_labels(parts: Dict[str, Sequence[Record]], source: PathLike,
+                 num_classes: Optional[int] = None, unique_names: bool = False) -> None:
+    """Refuse a label that names no class, and a label stored with two class names (with
+    ``unique_names`` also a class name stored with two labels, e.g. an off-by-one label).
+
+    ``num_classes`` defaults to the number of distinct labels in ``parts``, so labels must then be
+    0..n-1 without gaps. Raises a one-line ``ValueError`` naming ``source``, the split, the item
+    and the valid range (a bad label otherwise fails deep inside the loss, or trains silently).
+    """
+    n = num_classes if num_classes is not None else len(
+        {r.label for records in parts.values() for r in records})
+    by_label: Dict[int, tuple] = {}
+    by_name: Dict[str, tuple] = {}
+    for split, records in parts.items():
+        for i, r in enumerate(records):
+            item = f"{source}: {split}[{i}] ({r.path}, label {r.label})"
+            if not 0 <= r.label < n:
+                raise ValueError(f"{item} names no class: labels must be 0..{n - 1} ({n} "
+                                 f"classes); fix the label or remove the item")
+            if not r.classname:
+                continue
+            name, where = by_label.setdefault(r.label, (r.classname, f"{split}[{i}]"))
+            if name != r.classname:
+                raise ValueError(f"{item} is {r.classname!r} but {where} has label {r.label} "
+                                 f"as {name!r}; one label, one class name")
+            label, where = by_name.setdefault(r.classname, (r.label, f"{split}[{i}]"))
+            if unique_names and label != r.label:
+                raise ValueError(f"{item} is {r.classname!r} but {where} has {r.classname!r} "
+                                 f"as label {label}; one class name, one label")
+
+
 # ----------------------------------------------------------------------------------------------
 # Dassl pickles
 # ----------------------------------------------------------------------------------------------

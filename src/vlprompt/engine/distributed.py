@@ -57,7 +57,16 @@ def init_distributed(device: Optional[str] = None) -> bool:
 def default_device(device: Optional[str] = None) -> torch.device:
     """``device`` if given; else the local GPU (``cuda:LOCAL_RANK``) when there is one, else CPU."""
     if device is not None:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no usable CUDA GPU (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                             f"are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
         if dev.type == "cuda" and dev.index is None and is_distributed():
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return dev
@@ -120,28 +129,35 @@ def broadcast_object(obj):
     return box[0]
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler):
     """Training order that depends only on (seed, epoch) — so a resumed run sees the same batches
     as an uninterrupted one — split across ranks like ``DistributedSampler``: the permutation is
     padded to a multiple of the world size and rank r takes positions r, r+W, r+2W, ...
 
-    Call ``set_epoch`` before each epoch.
+    With ``with_seeds`` it yields ``(index, sample_seed)``: the augmentation seed of the item at
+    that position of the epoch (``sample_seed``), the same whatever the number of workers or
+    processes, and whether or not the epoch was resumed mid-way. Call ``set_epoch`` before each
+    epoch; ``start`` skips the items this rank already consumed (a mid-epoch resume).
     """
 
     def __init__(self, num_items: int, seed: int, shuffle: bool = True,
-                 num_replicas: Optional[int] = None, rank_: Optional[int] = None):
+                 num_replicas: Optional[int] = None, rank_: Optional[int] = None,
+                 with_seeds: bool = False):
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
         self.num_replicas = num_replicas if num_replicas is not None else world_size()
         self.rank = rank_ if rank_ is not None else rank()
+        self.with_seeds = with_seeds
         self.epoch = 0
+        self.start = 0
         self.per_rank = -(-num_items // self.num_replicas)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
+        self.start = start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         if self.shuffle:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.num_items, generator=g).tolist()
@@ -149,10 +165,19 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.num_items))
         total = self.per_rank * self.num_replicas
         order += order[: total - len(order)]
-        return iter(order[self.rank: total: self.num_replicas])
+        positions = range(self.rank + self.start * self.num_replicas, total, self.num_replicas)
+        if not self.with_seeds:
+            return iter(order[p] for p in positions)
+        base = epoch_seed(self.seed, self.epoch)
+        return iter((order[p], sample_seed(base, p)) for p in positions)
 
     def __len__(self) -> int:
-        return self.per_rank
+        return self.per_rank - self.start
+
+
+def sample_seed(epoch_base: int, position: int) -> int:
+    """The augmentation seed of the item at ``position`` of an epoch whose seed is ``epoch_base``."""
+    return (epoch_base * 6364136223846793005 + position * 1442695040888963407 + 1) % (2 ** 63 - 1)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -1,13 +1,9 @@
-"""One experiment = one run folder: build the split and the method, train (unless the method
-has nothing to train), evaluate on the test split, and write
+"""One experiment = one run folder (``engine/rundir.py`` owns its files): build the split and
+the method, train (unless the method has nothing to train), evaluate on the test split, and write
+the config, the log, checkpoint generations and ``results.json``.
 
-- ``config.yaml``: the resolved config (plus the run's identity);
-- ``log.txt``: the training log and Dassl's ``=> result`` block (PROTOCOL.md §8.4);
-- ``checkpoint.safetensors`` + ``checkpoint.json`` (+ ``training_state.pt`` while training);
-- ``results.json``: metrics and provenance, one entry per evaluated ``<dataset>/<subsample>``.
-
-``run_experiment`` and ``evaluate_run`` are what ``vlprompt train``/``eval`` and the protocol
-runners call.
+``run_experiment`` and ``evaluate_run`` are what ``vlprompt train``/``eval``, the protocol runners
+and the demo call; both hold the folder's writer lock while they write.
 """
 
 from __future__ import annotations
@@ -22,22 +18,20 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import yaml
 
 from .. import __version__
 from ..config import TrainConfig, resolve_config
 from . import checkpoint as ckpt
 from . import distributed as D
 from .evaluate import evaluate_method, format_result
+from .rundir import Evaluation, RunDir, RunLockedError, RunResults, evaluation_key
 from .train import seed_everything, train_method
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
-RESULTS_FILE = "results.json"
-LOG_FILE = "log.txt"
 #: settings that do not change a run's outcome: changing them does not block a resume
-RUNTIME_ONLY = {"num_workers", "print_freq", "eval_batch_size"}
+RUNTIME_ONLY = {"num_workers", "print_freq", "eval_batch_size", "checkpoint_every_steps",
+                "checkpoint_every_minutes"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -50,13 +44,13 @@ def versions() -> dict:
 
 
 @contextlib.contextmanager
-def _run_log(run_dir: Path):
-    """Tee the ``vlprompt`` loggers into ``run_dir/log.txt`` (rank 0 only)."""
+def _log_to(path: Path):
+    """Tee the ``vlprompt`` loggers into ``path`` (rank 0 only)."""
     if not D.is_main():
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / LOG_FILE, mode="a", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("vlprompt")
     old_level = root.level
@@ -69,6 +63,26 @@ def _run_log(run_dir: Path):
         root.removeHandler(handler)
         root.setLevel(old_level)
         handler.close()
+
+
+@contextlib.contextmanager
+def _writing(run: RunDir, device: torch.device):
+    """Hold the run folder's writer lock (rank 0) for the block; every rank fails together when
+    another process holds it."""
+    error: Optional[RunLockedError] = None
+    if D.is_main():
+        try:
+            run.lock()
+        except RunLockedError as err:
+            error = err
+    failed = D.all_reduce_sum([1.0 if error else 0.0], device)[0] > 0
+    if failed:
+        raise error or RunLockedError(f"{run.path} is being written by another run (see rank 0)")
+    try:
+        yield run
+    finally:
+        if D.is_main():
+            run.unlock()
 
 
 def _backbone_record(backbone) -> str:
@@ -88,21 +102,11 @@ def _compare_config(stored: dict, current: dict) -> list[str]:
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RUNTIME_ONLY:
                 continue
-            if section == "run" and key == "backbone":
-                continue  # compared by checksum when the checkpoint loads
+            if section == "run" and key in ("backbone", "dataset_spec"):
+                continue  # the backbone is compared by fingerprint when the checkpoint loads
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
-
-
-def _read_results(run_dir: Path) -> Optional[dict]:
-    path = run_dir / RESULTS_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); remove it or use --force") from err
 
 
 def _load_clip(backbone, device: torch.device, clip=None):
@@ -123,130 +127,182 @@ def method_template(method_cls, split) -> str:
     return split.template
 
 
-def _eval_key(dataset: str, subsample: str) -> str:
-    return f"{dataset}/{subsample}"
-
-
 def _log_result(title: str, entry: dict) -> None:
     logger.info("Evaluate on the *test* set of %s", title)
     for line in format_result(entry):
         logger.info(line)
 
 
-def run_experiment(method: str, dataset: str, root: PathLike, backbone, run_dir: PathLike,
+def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfig,
+              device: torch.device, dataset: str, subsample: str, skip_bad: bool) -> Evaluation:
+    from ..data import ImageDataset, build_transform
+    from ..runtime import resolve_num_workers
+
+    test_set = ImageDataset(records, build_transform(False, image_size), skip_bad=skip_bad,
+                            dataset=dataset)
+    entry = evaluate_method(model, test_set, list(classnames), batch_size=train_cfg.eval_batch_size,
+                            device=device, precision=train_cfg.precision,
+                            num_workers=resolve_num_workers(train_cfg.num_workers),
+                            skip_bad=skip_bad)
+    if entry.get("num_skipped"):
+        logger.warning("%s/%s: skipped %d unreadable image(s), e.g. %s", dataset, subsample,
+                       entry["num_skipped"], entry["skipped_files"][0])
+    return Evaluation.from_dict({"dataset": dataset, "subsample": subsample, **entry})
+
+
+def _check_existing(run: RunDir, stored_config: dict, key: str, resume: bool,
+                    force: bool) -> Optional[RunResults]:
+    """Refuse a folder holding another run; return the results of a finished one."""
+    if force:
+        return None
+    previous = run.read_config()
+    if previous is None or not run.started:
+        return None  # an unstarted folder (e.g. a failed start) is reused as it is
+    diffs = _compare_config(previous, stored_config)
+    if diffs:
+        raise ValueError(f"{run.path} holds a run with a different config ({'; '.join(diffs)}); "
+                         f"use another output folder, or --force to overwrite it")
+    results = run.read_results()
+    if results is not None and results.finished and key in results.evaluations:
+        logger.info("Results exist in %s (use --force to rerun)", run.path)
+        return results
+    if not resume and run.latest_generation() is not None:
+        raise ValueError(f"{run.path} holds a checkpoint; rerun without --no-resume to continue "
+                         f"it, or with --force to start over")
+    return None
+
+
+def _verify_train_images(records, dataset: str, skip_bad: bool) -> list:
+    """Decode every training image before the first step (a bad file found after hours of
+    training is worse than one found now)."""
+    from ..data import verify_images
+
+    bad = verify_images(records, progress=False)
+    if not bad:
+        return list(records)
+    if skip_bad:
+        logger.warning("%s: skipping %d unreadable training image(s), e.g. %s (%s)", dataset,
+                       len(bad), bad[0][0], bad[0][1])
+        paths = {p for p, _ in bad}
+        return [r for r in records if r.path not in paths]
+    raise ValueError(f"{len(bad)} training image(s) of {dataset} cannot be read, e.g. {bad[0][0]} "
+                     f"({bad[0][1]}); fix or remove them (list them all with 'vlprompt datasets "
+                     f"check {dataset}'), or pass --skip-missing to skip them")
+
+
+def run_experiment(method: str, dataset: str, root: Optional[PathLike], backbone, run_dir: PathLike,
                    shots: int = 16, seed: int = 1, subsample: str = "all",
                    protocol: Optional[str] = None, config_file: Optional[PathLike] = None,
                    overrides: Sequence[str] = (), resume: bool = True, force: bool = False,
                    device=None, clip=None, *, skip_missing: bool = False, epoch_callback=None,
-                   show_progress: Optional[bool] = None) -> dict:
+                   show_progress: Optional[bool] = None, resume_from_tensors: bool = False) -> dict:
     """Train ``method`` on ``dataset`` (``shots`` per class, ``seed``, classes ``subsample``) and
     evaluate it on the test split of the same classes. Returns the ``results.json`` content.
 
     An existing run folder is resumed (``resume``) when its config matches; a finished run is
     returned as it is; ``force`` deletes its outputs and starts over. ``clip`` may be an
-    already-loaded CLIP (then ``backbone`` is only recorded).
+    already-loaded CLIP (then ``backbone`` is only recorded). ``skip_missing`` also skips
+    unreadable images (counted in the results).
     """
-    from ..methods import get_method, make_config
+    from ..data import dataset_name
+    from ..methods import get_method
+
+    from ..data.splits import check_shots
 
     method_cls = get_method(method)
+    check_shots(shots)
     D.init_distributed(None if device is None else str(device))
+    name = dataset_name(dataset, root)
     config = resolve_config(method, protocol, config_file, list(overrides), shots=shots,
-                            dataset=dataset)
+                            dataset=name)
     config["train"]["seed"] = seed
     train_cfg = TrainConfig(**config["train"])
-    run_info = {"method": method, "protocol": protocol, "dataset": dataset, "shots": shots,
+    run_info = {"method": method, "protocol": protocol, "dataset": name, "shots": shots,
                 "seed": seed, "subsample": subsample, "backbone": _backbone_record(backbone)}
+    if name != str(dataset):
+        run_info["dataset_spec"] = str(Path(dataset).expanduser().resolve())
     stored_config = {"run": run_info, **config}
-    run_dir = Path(run_dir)
-    key = _eval_key(dataset, subsample)
-
-    config_path = run_dir / CONFIG_FILE
-    if force:
-        if D.is_main():
-            for name in (CONFIG_FILE, RESULTS_FILE, ckpt.CHECKPOINT_FILE, ckpt.HEADER_FILE,
-                         ckpt.STATE_FILE):
-                (run_dir / name).unlink(missing_ok=True)
-        D.barrier()
-    elif config_path.exists():
-        previous = yaml.safe_load(config_path.read_text()) or {}
-        diffs = _compare_config(previous, stored_config)
-        if diffs:
-            raise ValueError(f"{run_dir} holds a run with a different config ({'; '.join(diffs)}); "
-                             f"use another output folder, or --force to overwrite it")
-        results = _read_results(run_dir)
-        if results and results.get("train", {}).get("finished") and key in results.get("evaluations", {}):
-            logger.info("Results exist in %s (use --force to rerun)", run_dir)
-            return results
-        if not resume and (run_dir / ckpt.HEADER_FILE).exists():
-            raise ValueError(f"{run_dir} holds a checkpoint; resume it (--resume), or --force to "
-                             f"start over")
-
+    run = RunDir(run_dir)
+    key = evaluation_key(name, subsample)
     device = D.default_device(None if device is None else str(device))
-    with _run_log(run_dir):
-        start = time.time()
-        if D.is_main():
-            logger.info("Setting fixed seed: %d", seed)
-            logger.info("Run: %s", json.dumps(run_info))
-            logger.info("Config: %s", json.dumps(config))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(config_path, yaml.safe_dump(stored_config, sort_keys=False))
-        clip = _load_clip(backbone, device, clip)
-        from ..clip.load import state_checksum
-        from ..data import ImageDataset, build_transform, load_split
-
-        checksum = state_checksum(clip)
-        split = load_split(dataset, root, shots=shots if method_cls.trainable else -1, seed=seed,
-                           subsample=subsample, skip_missing=skip_missing)
-        if D.is_main():
-            logger.info("Loading dataset: %s (%s classes; %d train, %d test images)", dataset,
-                        len(split.classnames), len(split.train), len(split.test))
-        seed_everything(seed)
-        model = method_cls(clip, list(split.classnames), make_config(method_cls, config["method"]),
-                           template=method_template(method_cls, split))
-        model.to(device)
-        logger.info("Loading trainer: %s (%d trainable parameters)", method,
-                    model.num_trainable_parameters())
-        header_extra = {"config": config, "dataset": dataset, "shots": shots, "seed": seed,
-                        "subsample": subsample, "protocol": protocol}
-        if method_cls.trainable:
-            train_set = ImageDataset(split.train, build_transform(True, clip.image_size))
-            train_result = train_method(model, train_set, train_cfg, run_dir=run_dir, device=device,
-                                        resume=resume, backbone=run_info["backbone"],
-                                        header_extra=header_extra, epoch_callback=epoch_callback,
-                                        show_progress=show_progress)
-        else:
-            train_result = {"epochs": 0, "loss_history": [], "time_s": 0.0, "finished": True}
-            if D.is_main():
-                header = ckpt.make_header(model, run_info["backbone"], checksum, 0,
-                                          {**header_extra, "max_epoch": 0, "finished": True})
-                ckpt.save_checkpoint(run_dir, model, header)
-
-        test_set = ImageDataset(split.test, build_transform(False, clip.image_size))
-        entry = evaluate_method(model, test_set, list(split.classnames),
-                                batch_size=train_cfg.eval_batch_size, device=device,
-                                precision=train_cfg.precision, num_workers=train_cfg.num_workers)
-        entry = {"dataset": dataset, "subsample": subsample, **entry}
-        results = {
-            "vlprompt_version": __version__, "method": method, "protocol": protocol,
-            "dataset": dataset, "backbone": run_info["backbone"], "backbone_checksum": checksum,
-            "shots": shots, "seed": seed, "subsample": subsample, "config": config,
-            "num_trainable_params": model.num_trainable_parameters(),
-            "train": train_result, "evaluations": {key: entry}, "versions": versions(),
-        }
-        if D.is_main():
-            previous = _read_results(run_dir)
-            if previous:  # keep evaluations added by evaluate_run before a rerun
-                for k, v in previous.get("evaluations", {}).items():
-                    results["evaluations"].setdefault(k, v)
-            ckpt.atomic_write_json(run_dir / RESULTS_FILE, results)
-            _log_result(key, entry)
-            logger.info("Elapsed: %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))
+    with _writing(run, device):
+        if force and D.is_main():
+            run.clear()
         D.barrier()
+        done = _check_existing(run, stored_config, key, resume, force)
+        if done is not None:
+            return done.to_dict()
+        with _log_to(run.log_path):
+            return _train_and_test(method_cls, run, run_info, stored_config, train_cfg, dataset,
+                                   root, backbone, clip, device, skip_missing, resume,
+                                   epoch_callback, show_progress, resume_from_tensors).to_dict()
+
+
+def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict,
+                    train_cfg: TrainConfig, dataset_spec, root, backbone, clip, device,
+                    skip_missing: bool, resume: bool, epoch_callback, show_progress,
+                    resume_from_tensors: bool) -> RunResults:
+    from ..clip.fingerprint import backbone_fingerprint
+    from ..data import ImageDataset, build_transform, load_split
+    from ..methods import make_config
+
+    start = time.time()
+    config = {k: v for k, v in stored_config.items() if k != "run"}
+    name, seed, shots, subsample = (run_info[k] for k in ("dataset", "seed", "shots", "subsample"))
+    # everything that can fail on bad input happens before the folder takes the run's identity
+    clip = _load_clip(backbone, device, clip)
+    split = load_split(dataset_spec, root, shots=shots if method_cls.trainable else -1, seed=seed,
+                       subsample=subsample, skip_missing=skip_missing)
+    train_records = (_verify_train_images(split.train, name, skip_missing)
+                     if method_cls.trainable else [])
+    seed_everything(seed)
+    model = method_cls(clip, list(split.classnames), make_config(method_cls, config["method"]),
+                       template=method_template(method_cls, split))
+    model.to(device)
+    if D.is_main():
+        run.write_config(stored_config)
+        logger.info("Setting fixed seed: %d", seed)
+        logger.info("Run: %s", json.dumps(run_info))
+        logger.info("Config: %s", json.dumps(config))
+        logger.info("Loading dataset: %s (%s classes; %d train, %d test images)", name,
+                    len(split.classnames), len(train_records), len(split.test))
+        logger.info("Loading trainer: %s (%d trainable parameters)", run_info["method"],
+                    model.num_trainable_parameters())
+    header_extra = {"config": config, "dataset": name, "shots": shots, "seed": seed,
+                    "subsample": subsample, "protocol": run_info["protocol"]}
+    if method_cls.trainable:
+        train_set = ImageDataset(train_records, build_transform(True, clip.image_size),
+                                 dataset=name)
+        train_result = train_method(model, train_set, train_cfg, run_dir=run, device=device,
+                                    resume=resume, backbone=run_info["backbone"],
+                                    header_extra=header_extra, epoch_callback=epoch_callback,
+                                    show_progress=show_progress,
+                                    resume_from_tensors=resume_from_tensors)
+    else:
+        train_result = {"epochs": 0, "loss_history": [], "time_s": 0.0, "finished": True}
+        if D.is_main():
+            header = ckpt.make_header(model, run_info["backbone"], 0,
+                                      {**header_extra, "max_epoch": 0, "finished": True})
+            ckpt.save_checkpoint(run.path, model, header)
+
+    entry = _evaluate(model, split.test, split.classnames, clip.image_size, train_cfg, device,
+                      name, subsample, skip_missing)
+    results = RunResults(
+        method=run_info["method"], dataset=name, shots=shots, seed=seed, subsample=subsample,
+        protocol=run_info["protocol"], backbone=run_info["backbone"],
+        backbone_fingerprint=backbone_fingerprint(clip), config=config,
+        num_trainable_params=model.num_trainable_parameters(), train=train_result,
+        evaluations={entry.key: entry}, vlprompt_version=__version__, versions=versions())
+    if D.is_main():
+        run.merge_results(results)  # keeps evaluations added by evaluate_run before a rerun
+        _log_result(entry.key, entry.to_dict())
+        logger.info("Elapsed: %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))
+    D.barrier()
     return results
 
 
 def _build_from_run(run_dir: Path, header: dict, clip, classnames: Sequence[str],
-                    template: Optional[str]):
+                    template: Optional[str], allow_class_mismatch: bool = False):
     """The run's method on ``clip`` with its learned tensors, classifying ``classnames``."""
     from ..methods import get_method, make_config
 
@@ -261,71 +317,77 @@ def _build_from_run(run_dir: Path, header: dict, clip, classnames: Sequence[str]
                        template=template or header.get("template"))
     ckpt.load_checkpoint(run_dir, model)
     if trained != wanted:
+        if model.class_specific:
+            ckpt.check_classnames(header, classnames, str(run_dir), allow_class_mismatch)
         model.set_classnames(list(classnames))
     return model
 
 
-def evaluate_run(run_dir: PathLike, dataset: str, root: PathLike, subsample: str = "all",
-                 device=None, clip=None, skip_missing: bool = False) -> dict:
+def _results_from_header(header: dict) -> RunResults:
+    """A results record for a run folder that has a checkpoint but no ``results.json``."""
+    return RunResults(
+        method=header["method"], dataset=header.get("dataset", ""), shots=header.get("shots", 0),
+        seed=header.get("seed", 1), subsample=header.get("subsample", "all"),
+        protocol=header.get("protocol"), backbone=header.get("backbone", ""),
+        backbone_fingerprint=header.get("backbone_fingerprint"), config=header.get("config") or {},
+        num_trainable_params=header.get("num_trainable_params", 0),
+        train={"epochs": header.get("epoch"), "finished": header.get("finished", True)},
+        vlprompt_version=__version__, versions=versions())
+
+
+def evaluate_run(run_dir: PathLike, dataset: str, root: Optional[PathLike], subsample: str = "all",
+                 device=None, clip=None, skip_missing: bool = False,
+                 allow_class_mismatch: bool = False) -> dict:
     """Evaluate a run's checkpoint on ``dataset``'s test split (classes ``subsample``): the
-    evaluation entry, also merged into ``results.json`` as ``"<dataset>/<subsample>"``."""
-    from ..data import ImageDataset, build_transform, load_split
+    evaluation entry, also merged into ``results.json`` as ``"<dataset>/<subsample>"``. Its
+    ``=> result`` block goes to its own log (``RunDir.evaluation_log_path``)."""
+    from ..data import dataset_name, load_split
     from ..methods import get_method
 
-    run_dir = Path(run_dir)
-    header = ckpt.read_header(run_dir)
-    if not header.get("finished", True):
+    run = RunDir(ckpt.resolve_run_folder(run_dir))
+    header = ckpt.read_header(run.path)
+    if not header.get("finished", True) and header.get("epoch") != header.get("max_epoch"):
         logger.warning("%s: training did not finish (epoch %s of %s); evaluating that checkpoint",
-                       run_dir, header.get("epoch"), header.get("max_epoch"))
+                       run.path, header.get("epoch"), header.get("max_epoch"))
     D.init_distributed(None if device is None else str(device))
     device = D.default_device(None if device is None else str(device))
     train_cfg = TrainConfig(**(header.get("config") or {}).get("train", {}))
-    key = _eval_key(dataset, subsample)
-    with _run_log(run_dir):
+    name = dataset_name(dataset, root)
+    with _writing(run, device), _log_to(run.evaluation_log_path(name, subsample)):
         clip = _load_clip(header["backbone"], device, clip)
         split = load_split(dataset, root, shots=-1, seed=int(header.get("seed", 1)),
                            subsample=subsample, skip_missing=skip_missing)
-        model = _build_from_run(run_dir, header, clip, split.classnames,
-                                method_template(get_method(header["method"]), split))
+        model = _build_from_run(run.path, header, clip, split.classnames,
+                                method_template(get_method(header["method"]), split),
+                                allow_class_mismatch)
         model.to(device)
-        test_set = ImageDataset(split.test, build_transform(False, clip.image_size))
-        entry = evaluate_method(model, test_set, list(split.classnames),
-                                batch_size=train_cfg.eval_batch_size, device=device,
-                                precision=train_cfg.precision, num_workers=train_cfg.num_workers)
-        entry = {"dataset": dataset, "subsample": subsample, **entry}
+        entry = _evaluate(model, split.test, split.classnames, clip.image_size, train_cfg,
+                          device, name, subsample, skip_missing)
         if D.is_main():
-            results = _read_results(run_dir) or {
-                "vlprompt_version": __version__, "method": header["method"],
-                "protocol": header.get("protocol"), "dataset": header.get("dataset"),
-                "backbone": header.get("backbone"), "backbone_checksum": header.get("backbone_checksum"),
-                "shots": header.get("shots"), "seed": header.get("seed"),
-                "subsample": header.get("subsample"), "config": header.get("config"),
-                "num_trainable_params": header.get("num_trainable_params"),
-                "train": {"epochs": header.get("epoch"), "finished": header.get("finished", True)},
-                "evaluations": {}, "versions": versions()}
-            results.setdefault("evaluations", {})[key] = entry
-            ckpt.atomic_write_json(run_dir / RESULTS_FILE, results)
-            logger.info("Loading weights from %s (epoch = %s)", run_dir, header.get("epoch"))
-            _log_result(key, entry)
+            run.add_evaluation(entry, lambda: _results_from_header(header))
+            logger.info("Loading weights from %s (epoch = %s)", run.path, header.get("epoch"))
+            _log_result(entry.key, entry.to_dict())
         D.barrier()
-    return entry
+    return entry.to_dict()
 
 
 @torch.no_grad()
 def predict_with_checkpoint(run_dir: PathLike, images: Sequence, classes: Optional[Sequence[str]] = None,
-                            topk: int = 5, device=None, clip=None) -> list[list[tuple[str, float]]]:
+                            topk: int = 5, device=None, clip=None,
+                            allow_class_mismatch: bool = False) -> list[list[tuple[str, float]]]:
     """Classify ``images`` (paths or PIL images) with a run's learned prompts: per image, the
     ``topk`` (class name, probability) pairs. ``classes`` replaces the training class names."""
     from ..data import build_transform
 
-    run_dir = Path(run_dir)
+    run_dir = ckpt.resolve_run_folder(run_dir)
     header = ckpt.read_header(run_dir)
     device = D.default_device(None if device is None else str(device))
     clip = _load_clip(header["backbone"], device, clip)
     classnames = list(classes) if classes else list(header.get("classnames") or [])
     if not classnames:
         raise ValueError(f"{run_dir}: the checkpoint names no classes; pass --classes")
-    model = _build_from_run(run_dir, header, clip, classnames, header.get("template"))
+    model = _build_from_run(run_dir, header, clip, classnames, header.get("template"),
+                            allow_class_mismatch)
     model.to(device).eval()
     transform = build_transform(False, clip.image_size)
     batch = torch.stack([transform(img) for img in images]).to(device)  # [N, 3, S, S]

@@ -2,15 +2,18 @@
 
 SGD + cosine with constant warmup, autocast bf16/fp16 on GPU and fp32 on CPU, gradient
 accumulation (a batch split into chunks: same gradient, less memory), deterministic seeding,
-a progress bar, a checkpoint after every epoch and exact resume.
+a progress bar, a checkpoint after every epoch (and within long epochs) and exact resume.
 
-Determinism across interruptions: the data order, augmentation and worker RNG of epoch ``e`` are
-seeded from ``(seed, e)`` alone, and the optimiser state is restored, so a resumed run ends with
-the same tensors as an uninterrupted one.
+Determinism across interruptions: the data order of epoch ``e`` depends on ``(seed, e)`` alone,
+each item's augmentation on its position in the epoch (not on the number of workers or
+processes), and the optimiser, RNG and running-loss state are restored, so a run resumed at an
+epoch boundary or mid-epoch ends with the same tensors as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -23,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..clip.load import state_checksum
 from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import distributed as D
 from .evaluate import autocast, autocast_dtype
 from .optim import build_optimizer, set_epoch_lr
+from .rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -57,24 +60,268 @@ def _fmt_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
+class SeededItems(Dataset):
+    """Wraps a dataset whose ``transform`` draws from a ``generator`` attribute: item
+    ``(index, seed)`` is transformed with a generator seeded by ``seed`` (``EpochSampler`` with
+    ``with_seeds``), so augmentation is independent of workers, processes and resume points."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key):
+        index, seed = key
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "generator"):
+            transform.generator = torch.Generator().manual_seed(seed)
+        return self.dataset[index]
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: ``epoch`` epochs completed, ``step`` steps of the next one done,
+    with that epoch's running sums (so the loss history is exact after a mid-epoch resume)."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_history: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+    sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "n": 0.0})
+    finished: bool = False
+
+    def summary(self, max_epoch: int) -> dict:
+        return {"epochs": max_epoch if self.finished else self.epoch,
+                "loss_history": list(self.loss_history), "time_s": round(self.elapsed, 3),
+                "finished": self.finished}
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the training steps share."""
+
+    method: object
+    config: TrainConfig
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    params: list
+    scaler: Optional[torch.amp.GradScaler]
+    amp_dtype: Optional[torch.dtype]
+    run: Optional[RunDir]
+    save: Callable[[Progress], None]
+
+
+def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
+    """The progress stored in the run folder's newest intact checkpoint (a fresh ``Progress``
+    when there is none): tensors into the method, optimiser/scaler/RNG state restored."""
+    run = loop.run
+    gen = run.latest_generation(verify=True) if run is not None else None
+    if gen is None:
+        return Progress()
+    header = ckpt.load_generation(gen, loop.method, source=str(run.path))
+    if header.get("finished"):
+        state = None
+        with contextlib.suppress(ValueError):
+            state = ckpt.load_training_state(gen)
+        progress = Progress(epoch=loop.config.max_epoch, finished=True,
+                            loss_history=list((state or {}).get("loss_history", [])),
+                            elapsed=float((state or {}).get("time_s", 0.0)))
+        return progress
+    try:
+        state = ckpt.load_training_state(gen)
+    except ValueError as err:
+        older = [g for g in run.generations() if g.index < gen.index and g.verify() is None
+                 and g.state_problem() is None]
+        if older:
+            logger.warning("%s; resuming from the previous checkpoint (%s)", err, older[0].folder)
+            gen = older[0]
+            header = ckpt.load_generation(gen, loop.method, source=str(run.path))
+            state = ckpt.load_training_state(gen)
+        elif resume_from_tensors:
+            logger.warning("%s; continuing from the learned tensors of epoch %s with a fresh "
+                           "optimiser (momentum and RNG state are lost: the result will differ "
+                           "from an uninterrupted run)", err, header.get("epoch"))
+            return Progress(epoch=int(header.get("epoch", 0)))
+        else:
+            raise ValueError(f"{err}; the learned tensors of epoch {header.get('epoch')} are "
+                             f"intact: rerun with --resume-from-tensors to continue from them "
+                             f"(optimiser momentum is lost), or --force to start over") from None
+    loop.optimizer.load_state_dict(state["optimizer"])
+    if loop.scaler is not None and state.get("scaler"):
+        loop.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    progress = Progress(epoch=int(state.get("epoch", header.get("epoch", 0))),
+                        step=int(state.get("step", 0)),
+                        loss_history=list(state.get("loss_history", [])),
+                        elapsed=float(state.get("time_s", 0.0)),
+                        sums=dict(state.get("sums") or {"loss": 0.0, "n": 0.0}))
+    if progress.epoch > loop.config.max_epoch:
+        raise ValueError(f"{run.path}: checkpoint is at epoch {progress.epoch} but max_epoch is "
+                         f"{loop.config.max_epoch}; use --force to start over")
+    return progress
+
+
+def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: str,
+                header_extra: Optional[dict], optimizer, scaler) -> Callable[[Progress], None]:
+    def save(progress: Progress) -> None:
+        if run is None or not D.is_main():
+            return
+        extra = dict(header_extra or {})
+        extra.update({"max_epoch": config.max_epoch, "finished": progress.finished,
+                      "step": progress.step})
+        header = ckpt.make_header(method, backbone, progress.epoch, extra)
+        state = {"epoch": progress.epoch, "step": progress.step,
+                 "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "rng": ckpt.rng_state(), "loss_history": progress.loss_history,
+                 "sums": progress.sums, "time_s": progress.elapsed}
+        ckpt.save_checkpoint(run.path, method, header, state)
+
+    return save
+
+
+def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> tuple[float, dict]:
+    """One optimiser step over a batch (split into ``grad_accum`` chunks); (loss, parts)."""
+    config, method = loop.config, loop.method
+    batch_loss, batch_parts = 0.0, {}
+    for x, y in zip(images.chunk(config.grad_accum), labels.chunk(config.grad_accum)):
+        weight = x.shape[0] / images.shape[0]
+        with autocast(config.precision, loop.device):
+            loss, parts = method.loss(x, y)
+        value = float(loss.detach())
+        bad = not math.isfinite(value)
+        if D.is_distributed():
+            bad = D.all_reduce_sum([float(bad)], loop.device)[0] > 0
+        if bad:
+            hint = ("the run uses reduced precision; try train.precision=fp32 (or bf16)"
+                    if loop.amp_dtype is not None else "try a lower train.lr")
+            raise NonFiniteLossError(f"non-finite loss at {where}: loss={value}, parts={parts}. "
+                                     f"{hint}. The last good checkpoint is kept"
+                                     + (f" in {loop.run.path}" if loop.run else ""))
+        scaled = loss * weight
+        (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
+        batch_loss += value * weight
+        for k, v in parts.items():
+            batch_parts[k] = batch_parts.get(k, 0.0) + float(v) * weight
+    D.all_reduce_gradients(loop.params)
+    if loop.scaler is not None:
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+    else:
+        loop.optimizer.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return batch_loss, batch_parts
+
+
+def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: dict) -> None:
+    """Train from ``progress`` to the end of its epoch, committing mid-epoch checkpoints as
+    configured; updates ``progress`` (epoch done when this returns)."""
+    config, device = loop.config, loop.device
+    epoch = progress.epoch
+    seed = D.epoch_seed(config.seed, epoch)
+    if progress.step == 0:  # a mid-epoch resume has the RNG state of its checkpoint
+        seed_everything(seed + D.rank())
+    per_rank_batch = config.batch_size // D.world_size()
+    sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
+    drop_last = len(sampler) >= per_rank_batch
+    steps_per_epoch = timing["steps_per_epoch"]
+    sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
+    loader = DataLoader(SeededItems(dataset), batch_size=per_rank_batch, sampler=sampler,
+                        drop_last=drop_last, num_workers=timing["num_workers"],
+                        pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(seed + D.rank()),
+                        persistent_workers=False)
+    lrs = set_epoch_lr(loop.optimizer, epoch, config)
+    loop.method.train()
+    epoch_start = time.time()
+    last_save = time.time()
+    for images, labels in loader:
+        step = progress.step
+        batch_loss, parts = _step(loop, images.to(device, non_blocking=True),
+                                  torch.as_tensor(labels).to(device, non_blocking=True),
+                                  f"epoch {epoch + 1}, step {step + 1}")
+        n = images.shape[0]
+        progress.sums["loss"] += batch_loss * n
+        progress.sums["n"] += n
+        for k, v in parts.items():
+            progress.sums[k] = progress.sums.get(k, 0.0) + v * n
+        progress.step += 1
+        timing["steps_done"] += 1
+        _report_step(loop, progress, bar, timing, batch_loss, parts, lrs[0])
+        if progress.step < steps_per_epoch and _due(config, progress.step, last_save):
+            progress.elapsed += time.time() - epoch_start
+            epoch_start = last_save = time.time()
+            loop.save(progress)
+    keys = sorted(progress.sums)
+    totals = dict(zip(keys, D.all_reduce_sum([progress.sums[k] for k in keys], device)))
+    progress.loss_history.append(totals["loss"] / max(totals["n"], 1.0))
+    loop.method.on_epoch_end(epoch, config.max_epoch)
+    progress.elapsed += time.time() - epoch_start
+    progress.epoch, progress.step, progress.sums = epoch + 1, 0, {"loss": 0.0, "n": 0.0}
+    if D.is_main():
+        logger.debug("epoch %d/%d done: loss %.4f", epoch + 1, config.max_epoch,
+                     progress.loss_history[-1])
+
+
+def _due(config: TrainConfig, step: int, last_save: float) -> bool:
+    """Is a mid-epoch checkpoint due after ``step`` steps of the epoch?"""
+    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        return True
+    minutes = config.checkpoint_every_minutes
+    return bool(minutes) and time.time() - last_save >= 60.0 * minutes
+
+
+def _report_step(loop: _Loop, progress: Progress, bar, timing: dict, batch_loss: float,
+                 parts: dict, lr: float) -> None:
+    config = loop.config
+    bar.update(1)
+    postfix = {"epoch": f"{progress.epoch + 1}/{config.max_epoch}", "loss": f"{batch_loss:.4f}",
+               "lr": f"{lr:.2e}"}
+    if "acc" in parts:
+        postfix["acc"] = f"{parts['acc']:.1f}"
+    bar.set_postfix(postfix, refresh=False)
+    steps_per_epoch = timing["steps_per_epoch"]
+    if D.is_main() and (progress.step % config.print_freq == 0 or progress.step == steps_per_epoch):
+        rate = (time.time() - timing["start"]) / timing["steps_done"]
+        eta = rate * (timing["remaining"] - timing["steps_done"])
+        extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
+        logger.info("epoch [%d/%d] batch [%d/%d] loss %.4f (%.4f)%s lr %.4e eta %s",
+                    progress.epoch + 1, config.max_epoch, progress.step, steps_per_epoch,
+                    batch_loss, progress.sums["loss"] / progress.sums["n"], extra, lr,
+                    _fmt_eta(eta))
+
+
+def _progress_bar(total: int, show_progress: Optional[bool]):
+    from tqdm.auto import tqdm
+
+    # disable=None lets tqdm decide: shown on a terminal only
+    disable = True if (not D.is_main() or show_progress is False) else (
+        None if show_progress is None else False)
+    return tqdm(total=total, disable=disable, leave=False, dynamic_ncols=True, unit="step")
+
+
 def train_method(method, dataset: Dataset, config: TrainConfig,
-                 run_dir: Optional[Union[str, Path]] = None, device: Optional[torch.device] = None,
-                 resume: bool = True, backbone: Optional[str] = None,
-                 header_extra: Optional[dict] = None,
+                 run_dir: Optional[Union[str, Path, RunDir]] = None,
+                 device: Optional[torch.device] = None, resume: bool = True,
+                 backbone: Optional[str] = None, header_extra: Optional[dict] = None,
                  epoch_callback: Optional[Callable[[int], None]] = None,
-                 show_progress: Optional[bool] = None) -> dict:
+                 show_progress: Optional[bool] = None, resume_from_tensors: bool = False) -> dict:
     """Train ``method`` on ``dataset`` (items ``(image, label)``).
 
-    Writes a checkpoint to ``run_dir`` after each epoch (rank 0) and, with ``resume``, continues
-    from the one there. ``epoch_callback(epoch)`` runs after each epoch's checkpoint (tests use it
-    to simulate an interruption). Returns ``{"epochs", "loss_history", "time_s", "finished"}``.
-    Raises ``NonFiniteLossError`` on a NaN/inf loss.
+    Commits a checkpoint to ``run_dir`` after each epoch and within long epochs (rank 0) and,
+    with ``resume``, continues from the newest one there. ``epoch_callback(epoch)`` runs after
+    each epoch's checkpoint (tests use it to simulate an interruption). Returns ``{"epochs",
+    "loss_history", "time_s", "finished"}``. Raises ``NonFiniteLossError`` on a NaN/inf loss.
     """
+    from ..clip.fingerprint import backbone_fingerprint
+    from ..runtime import resolve_num_workers
+
     device = torch.device(device) if device is not None else method.device
     method.to(device)
-    clip_checksum = state_checksum(method.clip)
+    fingerprint = backbone_fingerprint(method.clip)
     backbone = backbone or getattr(method.clip, "backbone_name", None) or "custom"
-    run_dir = Path(run_dir) if run_dir is not None else None
+    run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
     world = D.world_size()
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(f"train.batch_size={config.batch_size} must be divisible by the number of "
@@ -83,151 +330,50 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
         raise ValueError("the training set is empty")
 
     optimizer = build_optimizer(method, config)
-    params = list(method.named_trainable_parameters().values())
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    start_epoch, loss_history, elapsed, finished = 0, [], 0.0, False
-    if resume and run_dir is not None and (run_dir / ckpt.HEADER_FILE).exists():
-        header = ckpt.load_checkpoint(run_dir, method)
-        state = ckpt.load_training_state(run_dir)
-        if header.get("finished"):
-            finished = True
-        elif state is None or state.get("epoch") != header.get("epoch"):
-            raise ValueError(f"{run_dir}: {ckpt.STATE_FILE} is missing or from another epoch than "
-                             f"{ckpt.HEADER_FILE}; rerun with --force to start over")
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            ckpt.set_rng_state(state["rng"])
-            loss_history = list(state.get("loss_history", []))
-            elapsed = float(state.get("time_s", 0.0))
-        start_epoch = int(header.get("epoch", 0))
-        if start_epoch > config.max_epoch:
-            raise ValueError(f"{run_dir}: checkpoint is at epoch {start_epoch} but max_epoch is "
-                             f"{config.max_epoch}; use --force to start over")
+    save = _make_saver(method, config, run, backbone, header_extra, optimizer, scaler)
+    loop = _Loop(method, config, device, optimizer, list(method.named_trainable_parameters().values()),
+                 scaler, amp_dtype, run, save)
+    progress = _resume(loop, resume_from_tensors) if resume else Progress()
+    if progress.finished:
+        return progress.summary(config.max_epoch)
+    if progress.epoch or progress.step:
         if D.is_main():
-            logger.info("Resuming from %s (epoch %d/%d)", run_dir, start_epoch, config.max_epoch)
-    D.broadcast_parameters(params)
-
-    def save(epoch: int, done: bool) -> None:
-        if run_dir is None or not D.is_main():
-            return
-        extra = dict(header_extra or {})
-        extra.update({"max_epoch": config.max_epoch, "finished": done})
-        head = ckpt.make_header(method, backbone, clip_checksum, epoch, extra)
-        state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "rng": ckpt.rng_state(), "loss_history": loss_history,
-                 "time_s": elapsed}
-        ckpt.save_checkpoint(run_dir, method, head, state)
-
-    if finished:
-        return {"epochs": config.max_epoch, "loss_history": loss_history,
-                "time_s": round(elapsed, 3), "finished": True}
+            logger.info("Resuming from %s (epoch %d/%d%s)", run.path, progress.epoch,
+                        config.max_epoch, f", step {progress.step}" if progress.step else "")
+    D.broadcast_parameters(loop.params)
 
     per_rank_batch = config.batch_size // world
-    sampler = D.EpochSampler(len(dataset), config.seed)
-    drop_last = len(sampler) >= per_rank_batch
-    steps_per_epoch = len(sampler) // per_rank_batch if drop_last else math.ceil(len(sampler) / per_rank_batch)
-    remaining = steps_per_epoch * (config.max_epoch - start_epoch)
-    from tqdm.auto import tqdm
+    items = -(-len(dataset) // world)
+    steps_per_epoch = items // per_rank_batch if items >= per_rank_batch else 1
+    remaining = steps_per_epoch * (config.max_epoch - progress.epoch) - progress.step
+    timing = {"steps_per_epoch": steps_per_epoch, "remaining": remaining, "steps_done": 0,
+              "start": time.time(), "num_workers": resolve_num_workers(config.num_workers)}
+    bar = _progress_bar(remaining, show_progress)
+    redirect = contextlib.nullcontext()
+    if not bar.disable:
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-    # disable=None lets tqdm decide: shown on a terminal only
-    disable = True if (not D.is_main() or show_progress is False) else (None if show_progress is None else False)
-    bar = tqdm(total=remaining, disable=disable, leave=False, dynamic_ncols=True, unit="step")
-    run_start = time.time()
-    steps_done = 0
+        redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
     try:
-        for epoch in range(start_epoch, config.max_epoch):
-            epoch_start = time.time()
-            seed = D.epoch_seed(config.seed, epoch)
-            seed_everything(seed + D.rank())
-            sampler.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
-                                drop_last=drop_last, num_workers=config.num_workers,
-                                pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
-                                generator=torch.Generator().manual_seed(seed + D.rank()),
-                                persistent_workers=False)
-            lrs = set_epoch_lr(optimizer, epoch, config)
-            method.train()
-            sums = {"loss": 0.0, "n": 0.0}
-            for step, (images, labels) in enumerate(loader):
-                images = images.to(device, non_blocking=True)
-                labels = torch.as_tensor(labels).to(device, non_blocking=True)
-                batch_loss, batch_parts = 0.0, {}
-                for x, y in zip(images.chunk(config.grad_accum), labels.chunk(config.grad_accum)):
-                    weight = x.shape[0] / images.shape[0]
-                    with autocast(config.precision, device):
-                        loss, parts = method.loss(x, y)
-                    value = float(loss.detach())
-                    bad = not math.isfinite(value)
-                    if D.is_distributed():
-                        bad = D.all_reduce_sum([float(bad)], device)[0] > 0
-                    if bad:
-                        hint = ("the run uses reduced precision; try train.precision=fp32 (or bf16)"
-                                if amp_dtype is not None else "try a lower train.lr")
-                        raise NonFiniteLossError(
-                            f"non-finite loss at epoch {epoch + 1}, step {step + 1}: loss={value}, "
-                            f"parts={parts}. {hint}. The last good checkpoint (epoch {epoch}) is kept"
-                            + (f" in {run_dir}" if run_dir else ""))
-                    scaled = loss * weight
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    batch_loss += value * weight
-                    for k, v in parts.items():
-                        batch_parts[k] = batch_parts.get(k, 0.0) + float(v) * weight
-                D.all_reduce_gradients(params)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                n = images.shape[0]
-                sums["loss"] += batch_loss * n
-                sums["n"] += n
-                for k, v in batch_parts.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                steps_done += 1
-                bar.update(1)
-                postfix = {"epoch": f"{epoch + 1}/{config.max_epoch}", "loss": f"{batch_loss:.4f}",
-                           "lr": f"{lrs[0]:.2e}"}
-                if "acc" in batch_parts:
-                    postfix["acc"] = f"{batch_parts['acc']:.1f}"
-                bar.set_postfix(postfix, refresh=False)
-                if D.is_main() and ((step + 1) % config.print_freq == 0 or step + 1 == steps_per_epoch):
-                    rate = (time.time() - run_start) / steps_done
-                    eta = rate * (remaining - steps_done)
-                    extra = "".join(f" {k} {v:.4f}" for k, v in batch_parts.items())
-                    logger.info("epoch [%d/%d] batch [%d/%d] loss %.4f (%.4f)%s lr %.4e eta %s",
-                                epoch + 1, config.max_epoch, step + 1, steps_per_epoch, batch_loss,
-                                sums["loss"] / sums["n"], extra, lrs[0], _fmt_eta(eta))
-            keys = sorted(sums)
-            totals = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys], device)))
-            mean_loss = totals["loss"] / max(totals["n"], 1.0)
-            loss_history.append(mean_loss)
-            method.on_epoch_end(epoch, config.max_epoch)
-            elapsed += time.time() - epoch_start
-            if D.is_main():
-                parts = "".join(f" {k} {totals[k] / max(totals['n'], 1.0):.4f}"
-                                for k in keys if k not in ("loss", "n"))
-                logger.debug("epoch %d/%d done: loss %.4f%s", epoch + 1, config.max_epoch,
-                             mean_loss, parts)
-            save(epoch + 1, False)
-            D.barrier()
-            if epoch_callback is not None:
-                epoch_callback(epoch)
+        with redirect:
+            while progress.epoch < config.max_epoch:
+                _run_epoch(loop, dataset, progress, bar, timing)
+                save(progress)
+                D.barrier()
+                if epoch_callback is not None:
+                    epoch_callback(progress.epoch - 1)
     finally:
         bar.close()
 
     method.on_train_end()
-    if state_checksum(method.clip) != clip_checksum:
+    if backbone_fingerprint(method.clip, recompute=True) != fingerprint:
         raise RuntimeError("the frozen CLIP changed during training (a method modified it in "
                            "place); its results are not valid")
-    save(config.max_epoch, True)
+    progress.finished = True
+    save(progress)
     D.barrier()
     if D.is_main():
         logger.info("Finish training")
-    return {"epochs": config.max_epoch, "loss_history": loss_history,
-            "time_s": round(elapsed, 3), "finished": True}
+    return progress.summary(config.max_epoch)

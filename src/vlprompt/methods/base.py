@@ -111,6 +111,12 @@ class Method(nn.Module):
     def on_train_end(self) -> None:
         """Called once after the last epoch, before final evaluation."""
 
+    @property
+    def class_specific(self) -> bool:
+        """True when learned tensors belong to particular classes (e.g. one context per class):
+        applying them to other class names is refused unless the user allows it."""
+        return False
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.named_trainable_parameters().values())
 

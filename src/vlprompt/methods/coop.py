@@ -63,6 +63,10 @@ class CoOp(Method):
         self.ctx = nn.Parameter(ctx.to(self.device))
         self._cache = FrozenFeatureCache()
 
+    @property
+    def class_specific(self) -> bool:
+        return bool(self.config.csc)
+
     def set_classnames(self, classnames: Sequence[str]) -> None:
         names = [c.replace("_", " ") for c in classnames]
         if self.config.csc and len(names) != self.ctx.shape[0]:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Union
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.base import write_split_json
+from ..fileio import make_temp_dir
 from . import world
 from .version import TOYWORLD_VERSION
 
@@ -94,7 +94,8 @@ def write_benchmark(root: Union[str, os.PathLike], config: BenchmarkConfig = Ben
                              f"choose another data root, or pass overwrite=True")
         logger.warning("replacing the toy benchmark in %s (written with another config)", target)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".toyworld-"))
+    # not tempfile.mkdtemp: its 0700 would make the published folder unreadable to the group
+    tmp = make_temp_dir(root, ".toyworld-")
     try:
         rng = np.random.default_rng(config.seed)
         names = classnames()

@@ -14,9 +14,9 @@ def register(sub) -> None:
                     "images and captions, write the toyworld benchmark, train every registered "
                     "method on its base classes and print the Base/New/HM table. Runs offline on "
                     "a CPU in under 10 minutes (--quick: about 3).")
-    p.add_argument("--output", default="output/demo", type=Path,
+    p.add_argument("--output", default="vlprompt-demo", type=Path,
                    help="folder for the run folders, summary.json, table.md and base2new.png "
-                        "(default: %(default)s)")
+                        "(default: %(default)s, kept apart from the protocol tree of ./output)")
     p.add_argument("--root", type=Path, default=None,
                    help="data root to write the toyworld benchmark into "
                         "(default: <cache>/toyworld/data)")

@@ -15,7 +15,7 @@ from typing import ClassVar, Dict, List, Sequence, Tuple
 from ...clip.templates import dataset_template
 from ..base import (Dataset, DrawFn, atomic_write_text, listdir_nohidden, packaged_classnames,
                     read_imagenet_classnames, register_dataset, save_image)
-from ..records import Record, read_dassl_pickle
+from ..records import Record, check_labels, read_dassl_pickle
 
 
 def split_wnid_names(entries: Sequence[str]) -> List[Tuple[str, str]]:
@@ -66,6 +66,7 @@ class ImageNet(Dataset):
             data = read_dassl_pickle(pkl, self.dataset_dir, self.folder)
             if "train" not in data or "test" not in data:
                 raise ValueError(f"{pkl}: expected 'train' and 'test' lists")
+            check_labels(data, pkl)
             return {"train": data["train"], "val": [], "test": data["test"]}
         names = read_imagenet_classnames(self.dataset_dir / "classnames.txt")
         image_dir = self.dataset_dir / "images"

@@ -1,5 +1,5 @@
-"""``vlprompt predict``: top-5 classes for images, zero-shot with a backbone or with a trained
-run's learned prompts (``--checkpoint``)."""
+"""``vlprompt predict``: the top classes of images, zero-shot with a backbone or with a trained
+run's learned prompts (``--checkpoint``). Lives above the engine: it uses engine, data and clip."""
 
 from __future__ import annotations
 
@@ -10,17 +10,23 @@ from typing import Sequence
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="classify images zero-shot or with learned prompts",
-                       description="Print the top-5 classes with probabilities for each image.")
+                       description="Print the top classes (--topk, default 5) with their probabilities "
+                                   "for each image, zero-shot with --backbone and --classes, or "
+                                   "with a trained run's learned prompts (--checkpoint).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--backbone", help="CLIP name (ViT-B/16, ...) or weights file/folder")
-    source.add_argument("--checkpoint", help="a trained run folder (learned prompts)")
+    source.add_argument("--checkpoint", metavar="RUN_DIR",
+                        help="a trained run folder, or a file in it (learned prompts)")
     p.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog,car" '
                    "(optional with --checkpoint: defaults to the run's classes)")
     p.add_argument("--template", default="a photo of a {}.",
                    help="hand-crafted prompt for zero-shot (default: %(default)r)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--topk", type=int, default=5, help="classes printed per image (default 5)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="apply class-specific learned tensors to other --classes")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files to classify (JPEG, PNG, ...)")
     p.set_defaults(func=_predict)
 
 
@@ -38,6 +44,15 @@ def _check_images(images: Sequence[str]) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}")
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception as err:  # Pillow raises several types for bad files
+            raise ValueError(f"{path}: cannot decode image ({err}); pass image files "
+                             f"(JPEG, PNG, ...)") from None
     return paths
 
 
@@ -52,10 +67,11 @@ def _predict(args: argparse.Namespace) -> int:
     paths = _check_images(args.images)
     classes = _parse_classes(args.classes)
     if args.checkpoint:
-        from ..engine import predict_with_checkpoint
+        from .engine import predict_with_checkpoint
 
-        _print_predictions(paths, predict_with_checkpoint(args.checkpoint, [str(p) for p in paths],
-                                                          classes, topk=args.topk, device=args.device))
+        _print_predictions(paths, predict_with_checkpoint(
+            args.checkpoint, [str(p) for p in paths], classes, topk=args.topk, device=args.device,
+            allow_class_mismatch=args.allow_class_mismatch))
         return 0
     if classes is None:
         raise ValueError("--classes is required with --backbone")
@@ -63,9 +79,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--template must contain '{{}}' for the class name, got {args.template!r}")
     import torch
 
-    from ..data import build_transform
-    from .load import load_clip
-    from .zeroshot import ZeroShotClassifier
+    from .clip.load import load_clip
+    from .clip.zeroshot import ZeroShotClassifier
+    from .data import build_transform
 
     clip = load_clip(args.backbone, device=args.device)
     classifier = ZeroShotClassifier(clip, classes, args.template)
