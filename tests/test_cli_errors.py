@@ -235,15 +235,7 @@ def test_eval_fails_in_one_line_when_every_checkpoint_is_corrupt(world, corrupt_
         (gen / "checkpoint.safetensors").write_bytes(os.urandom(512))
     assert cli(*eval_argv(copy, world=world)) == 1
     message = error_line(capsys, "eval")
-    assert str(copy) in message
-
-
-def test_eval_error_names_the_corrupt_file(world, corrupt_copy, capsys):
-    copy, gens = corrupt_copy
-    for gen in gens[-2:]:
-        (gen / "checkpoint.safetensors").write_bytes(os.urandom(512))
-    assert cli(*eval_argv(copy, world=world)) == 1
-    message = error_line(capsys, "eval")
+    assert str(copy) in message  # names the folder and the corrupt file
     assert "checkpoint.safetensors" in message and "corrupt" in message
     assert "not a vlprompt run folder" not in message
 
