@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(parser: argparse.ArgumentParser,
+               argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` words left over (after options) join ``overrides`` of the
     commands that take them, anything else is an error as usual."""
     args, extra = parser.parse_known_args(argv)

@@ -193,7 +193,8 @@ def plan_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]
     return runs
 
 
-def run_state(run: PlannedRun, results: Optional["RunResults"]) -> tuple[str, list[tuple[str, str]]]:
+def run_state(run: PlannedRun,
+              results: Optional["RunResults"]) -> tuple[str, list[tuple[str, str]]]:
     """``(state, missing evaluations)`` with state one of ``new``, ``resume`` (started, training
     unfinished), ``evaluate`` (trained, evaluations missing), ``done``."""
     from .engine.rundir import RunDir, RunResults, evaluation_key
@@ -205,8 +206,9 @@ def run_state(run: PlannedRun, results: Optional["RunResults"]) -> tuple[str, li
     for key, expected in (("method", run.method), ("dataset", run.dataset), ("shots", run.shots),
                           ("seed", run.seed), ("subsample", run.subsample)):
         if getattr(results, key) != expected:
-            raise ValueError(f"{run.run_dir / 'results.json'} is for {key}={getattr(results, key)!r}, "
-                             f"not {expected!r}; use another --output or --force")
+            raise ValueError(f"{run.run_dir / 'results.json'} is for "
+                             f"{key}={getattr(results, key)!r}, not {expected!r}; use another "
+                             f"--output or --force")
     if not results.finished:
         return "resume", list(run.evaluations)
     missing = [ev for ev in run.evaluations if evaluation_key(*ev) not in results.evaluations]

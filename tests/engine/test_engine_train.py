@@ -1,7 +1,6 @@
 """The training loop on in-memory tensors: frozen backbone, non-finite loss, grad accumulation,
 checkpoint contents."""
 
-import json
 
 import pytest
 import torch

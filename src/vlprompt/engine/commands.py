@@ -129,7 +129,8 @@ def register(sub) -> None:
     p.add_argument("--backbone", default="ViT-B/16", help="CLIP name or weights file (default ViT-B/16)")
     p.add_argument("--shots", type=int, default=16,
                    help="training images per class (-1: all images; default 16)")
-    p.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed (default 1)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="few-shot sampling and training seed (default 1)")
     p.add_argument("--subsample", default="all", choices=["all", "base", "new"],
                    help="classes to train and test on (default all)")
     p.add_argument("--protocol", default=None,

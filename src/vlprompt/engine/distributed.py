@@ -60,7 +60,8 @@ def default_device(device: Optional[str] = None) -> torch.device:
         try:
             dev = torch.device(device)
         except RuntimeError:
-            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+            raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or "
+                             f"cuda:N") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: this machine has no usable CUDA GPU (torch "
                              f"{torch.__version__}); use --device cpu")
@@ -176,7 +177,7 @@ class EpochSampler(Sampler):
 
 
 def sample_seed(epoch_base: int, position: int) -> int:
-    """The augmentation seed of the item at ``position`` of an epoch whose seed is ``epoch_base``."""
+    """The augmentation seed of the item at ``position`` of an epoch seeded ``epoch_base``."""
     return (epoch_base * 6364136223846793005 + position * 1442695040888963407 + 1) % (2 ** 63 - 1)
 
 

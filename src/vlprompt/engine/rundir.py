@@ -3,7 +3,7 @@ typed results and the atomic commit of a checkpoint generation.
 
 Layout of a run folder::
 
-    config.yaml                 the run's identity and resolved config (written once training starts)
+    config.yaml                 the run's identity and resolved config (once training starts)
     log.txt                     training log + the run's own test evaluation (one ``=> result``)
     results.json                metrics and provenance, one entry per ``<dataset>/<subsample>``
     checkpoints/000007/         the newest committed generation: checkpoint.safetensors (learned
@@ -247,7 +247,7 @@ class RunDir:
         so Dassl's ``parse_test_res.py`` (which reads the last block of ``<folder>/seed*/log.txt``)
         finds only that one: beside the run's parent folder, ``<parent>_test_<dataset>_<subsample>
         /<run name>/log.txt``, i.e. ``.../eurosat/shots_16_test_eurosat_new/seed1/log.txt``
-        (folders outside the ``shots_<K>/seed<S>`` layout: ``<run>/test_<dataset>_<subsample>/``)."""
+        (folders outside the ``shots_<K>/seed<S>`` layout: ``<run>/test_<dataset>_<subsample>``)."""
         path = self.path.resolve()
         parent = path.parent
         if not (re.match(r"^seed\d+$", path.name) and parent.name.startswith("shots_")):
@@ -411,7 +411,8 @@ class RunDir:
             logger.warning("%s; falling back to the previous checkpoint", problem)
         return None
 
-    def commit(self, tensors: dict, header: dict, training_state: Optional[dict] = None) -> Generation:
+    def commit(self, tensors: dict, header: dict,
+               training_state: Optional[dict] = None) -> Generation:
         """Write a complete new generation and publish it with one atomic rename; then drop
         generations older than the previous one."""
         import torch

@@ -181,7 +181,8 @@ def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: st
     return save
 
 
-def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor, where: str) -> tuple[float, dict]:
+def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor,
+          where: str) -> tuple[float, dict]:
     """One optimiser step over a batch (split into ``grad_accum`` chunks); (loss, parts)."""
     config, method = loop.config, loop.method
     batch_loss, batch_parts = 0.0, {}
@@ -333,8 +334,8 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     save = _make_saver(method, config, run, backbone, header_extra, optimizer, scaler)
-    loop = _Loop(method, config, device, optimizer, list(method.named_trainable_parameters().values()),
-                 scaler, amp_dtype, run, save)
+    params = list(method.named_trainable_parameters().values())
+    loop = _Loop(method, config, device, optimizer, params, scaler, amp_dtype, run, save)
     progress = _resume(loop, resume_from_tensors) if resume else Progress()
     if progress.finished:
         return progress.summary(config.max_epoch)
