@@ -32,3 +32,7 @@ def test_predict_errors(tiny_clip, tmp_path, images, capsys):
     assert "at least two" in capsys.readouterr().err
     assert main(["predict", "--backbone", weights, "--classes", "a,b", "--template", "x", images[0]]) == 1
     assert "{}" in capsys.readouterr().err
+    page = tmp_path / "page.jpg"
+    page.write_text("<html>not an image</html>")
+    assert main(["predict", "--backbone", weights, "--classes", "cat,dog", str(page)]) == 1
+    assert f"{page}: cannot decode image (not an image file" in capsys.readouterr().err

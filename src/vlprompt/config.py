@@ -19,6 +19,10 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SECTIONS = ("method", "train")
+#: ``train`` settings that do not change a run's outcome: changing them does not block a resume,
+#: and reports do not tell runs apart by them
+RUNTIME_ONLY = frozenset({"num_workers", "print_freq", "eval_batch_size", "checkpoint_every_steps",
+                          "checkpoint_every_minutes"})
 
 
 @dataclasses.dataclass

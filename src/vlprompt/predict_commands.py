@@ -44,15 +44,13 @@ def _check_images(images: Sequence[str]) -> list[Path]:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {', '.join(missing[:5])}")
-    from PIL import Image
+    from .data import verify_images
 
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except Exception as err:  # Pillow raises several types for bad files
-            raise ValueError(f"{path}: cannot decode image ({err}); pass image files "
-                             f"(JPEG, PNG, ...)") from None
+    bad = verify_images([str(p) for p in paths], progress=False)
+    if bad:
+        path, reason = bad[0]
+        raise ValueError(f"{path}: cannot decode image ({reason}); pass image files "
+                         f"(JPEG, PNG, ...)")
     return paths
 
 

@@ -154,7 +154,7 @@ def _experiment(path: Path, runs_dir: Path, protocol: Optional[str]) -> str:
 
 def _settings(config: dict) -> dict:
     """Flattened method and train settings, without the runtime-only ones and the seed."""
-    from .engine.run import RUNTIME_ONLY
+    from .config import RUNTIME_ONLY
 
     out = {}
     for section in ("method", "train"):

@@ -118,7 +118,9 @@ def verify_images(records: Sequence[Union[Record, str]], workers: Optional[int] 
     paths = _unique_paths(records)
     if not paths:
         return []
-    workers = workers or min(8, os.cpu_count() or 1)
+    from ..runtime import usable_cpus
+
+    workers = workers or min(8, usable_cpus())
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
     if truncated_ok:
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; checking for truncated "

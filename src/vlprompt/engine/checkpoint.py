@@ -107,7 +107,9 @@ def resolve_run_folder(path: PathLike) -> Path:
     return folder
 
 
-def _generation(run_dir: PathLike) -> Generation:
+def newest_generation(run_dir: PathLike) -> Generation:
+    """The newest intact checkpoint of a run folder (or a file in it); a one-line error naming
+    the problem when there is none."""
     folder = resolve_run_folder(run_dir)
     run = RunDir(folder)
     gen = run.latest_generation(verify=True)
@@ -125,12 +127,12 @@ def _generation(run_dir: PathLike) -> Generation:
 
 def read_header(run_dir: PathLike) -> dict:
     """The header of a run folder's newest intact checkpoint."""
-    return _generation(run_dir).header()
+    return newest_generation(run_dir).header()
 
 
 def read_tensors(run_dir: PathLike) -> tuple[dict[str, Tensor], dict]:
     """(trainable tensors, safetensors metadata) of a run folder's newest intact checkpoint."""
-    return read_generation_tensors(_generation(run_dir))
+    return read_generation_tensors(newest_generation(run_dir))
 
 
 def read_generation_tensors(gen: Generation) -> tuple[dict[str, Tensor], dict]:
@@ -205,7 +207,7 @@ def check_classnames(header: dict, classnames, source: str, allow_mismatch: bool
 def load_checkpoint(run_dir: PathLike, method, check: bool = True) -> dict:
     """Load a run's newest intact checkpoint into ``method`` (after checking method and
     backbone); returns the header."""
-    gen = _generation(run_dir)
+    gen = newest_generation(run_dir)
     return load_generation(gen, method, check, str(resolve_run_folder(run_dir)))
 
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from ..config import TrainConfig, resolve_config
+from ..config import RUNTIME_ONLY, TrainConfig, resolve_config
 from . import checkpoint as ckpt
 from . import distributed as D
 from .evaluate import evaluate_method, format_result
@@ -29,9 +29,6 @@ from .train import seed_everything, train_method
 
 logger = logging.getLogger(__name__)
 
-#: settings that do not change a run's outcome: changing them does not block a resume
-RUNTIME_ONLY = {"num_workers", "print_freq", "eval_batch_size", "checkpoint_every_steps",
-                "checkpoint_every_minutes"}
 
 PathLike = Union[str, os.PathLike]
 #: training sets up to this size are decoded in full before the first step (16-shot ImageNet:
@@ -141,8 +138,7 @@ def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfi
     from ..data import ImageDataset, build_transform
     from ..runtime import resolve_num_workers
 
-    test_set = ImageDataset(records, build_transform(False, image_size), skip_bad=skip_bad,
-                            dataset=dataset)
+    test_set = ImageDataset(records, build_transform(False, image_size), dataset=dataset)
     entry = evaluate_method(model, test_set, list(classnames), batch_size=train_cfg.eval_batch_size,
                             device=device, precision=train_cfg.precision,
                             num_workers=resolve_num_workers(train_cfg.num_workers),
@@ -309,11 +305,13 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
     return results
 
 
-def _build_from_run(run_dir: Path, header: dict, clip, classnames: Sequence[str],
+def _build_from_run(run_dir: Path, gen, clip, classnames: Sequence[str],
                     template: Optional[str], allow_class_mismatch: bool = False):
-    """The run's method on ``clip`` with its learned tensors, classifying ``classnames``."""
+    """The run's method on ``clip`` with the learned tensors of generation ``gen``, classifying
+    ``classnames``."""
     from ..methods import get_method, make_config
 
+    header = gen.header()
     method_cls = get_method(header["method"])
     config = make_config(method_cls, header.get("method_config") or {})
     trained = [c.replace("_", " ") for c in header.get("classnames", [])]
@@ -323,7 +321,7 @@ def _build_from_run(run_dir: Path, header: dict, clip, classnames: Sequence[str]
         return method_cls(clip, list(classnames), config, template=template)
     model = method_cls(clip, header.get("classnames") or list(classnames), config,
                        template=template or header.get("template"))
-    ckpt.load_checkpoint(run_dir, model)
+    ckpt.load_generation(gen, model, source=str(run_dir))
     if trained != wanted:
         if model.class_specific:
             ckpt.check_classnames(header, classnames, str(run_dir), allow_class_mismatch)
@@ -353,7 +351,8 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: Optional[PathLike], subs
     from ..methods import get_method
 
     run = RunDir(ckpt.resolve_run_folder(run_dir))
-    header = ckpt.read_header(run.path)
+    gen = ckpt.newest_generation(run.path)
+    header = gen.header()
     if not header.get("finished", True) and header.get("epoch") != header.get("max_epoch"):
         logger.warning("%s: training did not finish (epoch %s of %s); evaluating that checkpoint",
                        run.path, header.get("epoch"), header.get("max_epoch"))
@@ -365,7 +364,7 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: Optional[PathLike], subs
         clip = _load_clip(header["backbone"], device, clip)
         split = load_split(dataset, root, shots=-1, seed=int(header.get("seed", 1)),
                            subsample=subsample, skip_missing=skip_missing)
-        model = _build_from_run(run.path, header, clip, split.classnames,
+        model = _build_from_run(run.path, gen, clip, split.classnames,
                                 method_template(get_method(header["method"]), split),
                                 allow_class_mismatch)
         model.to(device)
@@ -388,13 +387,14 @@ def predict_with_checkpoint(run_dir: PathLike, images: Sequence, classes: Option
     from ..data import build_transform
 
     run_dir = ckpt.resolve_run_folder(run_dir)
-    header = ckpt.read_header(run_dir)
+    gen = ckpt.newest_generation(run_dir)
+    header = gen.header()
     device = D.default_device(None if device is None else str(device))
     clip = _load_clip(header["backbone"], device, clip)
     classnames = list(classes) if classes else list(header.get("classnames") or [])
     if not classnames:
         raise ValueError(f"{run_dir}: the checkpoint names no classes; pass --classes")
-    model = _build_from_run(run_dir, header, clip, classnames, header.get("template"),
+    model = _build_from_run(run_dir, gen, clip, classnames, header.get("template"),
                             allow_class_mismatch)
     model.to(device).eval()
     transform = build_transform(False, clip.image_size)

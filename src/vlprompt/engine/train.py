@@ -223,13 +223,13 @@ def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: d
     seed = D.epoch_seed(config.seed, epoch)
     if progress.step == 0:  # a mid-epoch resume has the RNG state of its checkpoint
         seed_everything(seed + D.rank())
-    per_rank_batch = config.batch_size // D.world_size()
+    per_rank_batch = timing["per_rank_batch"]
     sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
-    drop_last = len(sampler) >= per_rank_batch
     steps_per_epoch = timing["steps_per_epoch"]
     sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
+    # drop_last is decided on the whole epoch, so a resumed epoch keeps the same batches
     loader = DataLoader(SeededItems(dataset), batch_size=per_rank_batch, sampler=sampler,
-                        drop_last=drop_last, num_workers=timing["num_workers"],
+                        drop_last=timing["drop_last"], num_workers=timing["num_workers"],
                         pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(seed + D.rank()),
                         persistent_workers=False)
@@ -346,10 +346,12 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     D.broadcast_parameters(loop.params)
 
     per_rank_batch = config.batch_size // world
-    items = -(-len(dataset) // world)
-    steps_per_epoch = items // per_rank_batch if items >= per_rank_batch else 1
+    items = -(-len(dataset) // world)  # per rank, padded as EpochSampler pads
+    drop_last = items >= per_rank_batch  # keeps 1- and 2-shot epochs non-empty
+    steps_per_epoch = items // per_rank_batch if drop_last else 1
     remaining = steps_per_epoch * (config.max_epoch - progress.epoch) - progress.step
-    timing = {"steps_per_epoch": steps_per_epoch, "remaining": remaining, "steps_done": 0,
+    timing = {"per_rank_batch": per_rank_batch, "drop_last": drop_last,
+              "steps_per_epoch": steps_per_epoch, "remaining": remaining, "steps_done": 0,
               "start": time.time(), "num_workers": resolve_num_workers(config.num_workers)}
     bar = _progress_bar(remaining, show_progress)
     redirect = contextlib.nullcontext()
