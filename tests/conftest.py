@@ -25,6 +25,11 @@ def tiny_clip(tiny_config):
 def pytest_configure(config):
     # One intra-op thread: tiny models are dominated by threading overhead, and CI has 2 cores.
     torch.set_num_threads(1)
+    # Keep the user's cache folder (downloads, fingerprints) out of the tests.
+    import os
+    import tempfile
+
+    os.environ.setdefault("VLPROMPT_CACHE", tempfile.mkdtemp(prefix="vlprompt-test-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ restore would race with other threads creating files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Union
+from typing import Any, Callable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -143,3 +144,23 @@ def remove_stale_temporaries(folder: PathLike, *, min_age_s: float = 0.0) -> Lis
             continue
         removed.append(Path(entry.path))
     return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed), waiting for it: processes
+    sharing a cache (downloads, conversions) take turns instead of doing the work twice. The OS
+    releases it if the holder dies. Without ``fcntl`` (Windows) it does not lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

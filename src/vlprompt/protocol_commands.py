@@ -48,6 +48,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for item in args.overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
+    if args.launcher != "inline" or args.dry_run:
+        return _run_as_sweep(args)
     run_dirs = run_protocol(args.protocol, args.method, args.datasets, args.seeds, args.root,
                             args.backbone, output=args.output, shots=args.shots,
                             config_file=args.config, overrides=tuple(args.overrides),
@@ -57,6 +59,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{len(run_dirs)} run(s) complete under {', '.join(roots)}; "
           f"tables: vlprompt report {args.output}")
     return 0
+
+
+def _run_as_sweep(args: argparse.Namespace) -> int:
+    """``run`` with ``--launcher local|slurm`` or ``--dry-run``: the protocol's runs as a sweep."""
+    from .sweep.commands import execute_sweep
+    from .sweep.spec import Sweep, plan_sweep, sweep_name
+
+    jobs = plan_sweep([args.method], [args.protocol], args.output, args.datasets, args.seeds,
+                      args.shots, source=args.source, overrides=tuple(args.overrides))
+    sweep = Sweep(sweep_name(jobs), Path(args.output), args.root, args.backbone, jobs,
+                  config_file=args.config, source=args.source, skip_missing=args.skip_missing,
+                  force=args.force, device=args.device)
+    return execute_sweep(sweep, args)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -76,6 +91,9 @@ def register(sub) -> None:
     run = sub.add_parser("run", help="run a protocol (base2new, fewshot, xd, dg) for a method",
                          description=_RUN_DESCRIPTION)
     _add_run_arguments(run)
+    from .sweep.commands import add_launcher_arguments
+
+    add_launcher_arguments(run)
     run.set_defaults(func=_cmd_run)
 
     rep = sub.add_parser("report", help="tables (and plots) from the results of protocol runs",

@@ -243,10 +243,8 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
     ``configs/<method>/<protocol>.yaml``. ``clip`` (an already loaded backbone) skips loading.
     """
     runs = plan_protocol(protocol, method, datasets, seeds, output, shots, source=source)
-    from . import engine
     from .engine import distributed as D
     from .clip.load import load_clip
-    from .engine.rundir import Evaluation, RunDir, RunResults, evaluation_key
 
     D.init_distributed(None if device is None else str(device))
     device = D.default_device(None if device is None else str(device))
@@ -258,29 +256,48 @@ def run_protocol(protocol: str, method: str, datasets: Union[str, Sequence[str]]
     total = len(runs)
     log("%s / %s: %d run(s) under %s", protocol, method, total, output)
     for n, run in enumerate(runs, 1):
-        tag = f"[{n}/{total}] {run.describe()}"
-        folder = RunDir(run.run_dir)
-        results = None if force else folder.read_results()
-        _check_backbone(run, results, clip, backbone)
-        state = "new" if force else run_state(run, results)[0]
-        present = ", ".join(run.evaluation_keys)
-        log("%s: %s", tag, {"new": "training", "resume": "resuming", "evaluate": "evaluating",
-                            "done": f"skipped (finished; {present} present)"}[state])
-        # Always through run_experiment: it returns a finished run at once, but first checks that
-        # the run folder's config is the one asked for (else a changed override would be ignored).
-        results = RunResults.from_dict(engine.run_experiment(
-            run.method, run.spec(run.dataset), root, backbone, run.run_dir, shots=run.shots,
-            seed=run.seed, subsample=run.subsample, protocol=run.protocol,
-            config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
-            device=device, clip=clip, skip_missing=skip_missing))
-        for dataset, subsample in run_state(run, results)[1]:
-            log("%s: evaluating on %s/%s", tag, dataset, subsample)
-            entry = engine.evaluate_run(run.run_dir, run.spec(dataset), root, subsample=subsample,
-                                        device=device, clip=clip, skip_missing=skip_missing)
-            key = evaluation_key(dataset, subsample)
-            results.evaluations[key] = Evaluation.from_dict(entry, key)
-        if state != "done":
-            log("%s: done (%s)", tag, ", ".join(
-                f"{k} {results.accuracy(k):.2f}%" for k in run.evaluation_keys
-                if results.accuracy(k) is not None))
+        execute_run(run, root, backbone, clip, config_file=config_file, overrides=overrides,
+                    force=force, device=device, skip_missing=skip_missing,
+                    tag=f"[{n}/{total}] {run.describe()}")
     return [run.run_dir for run in runs]
+
+
+def execute_run(run: PlannedRun, root: PathLike, backbone: Union[str, PathLike], clip,
+                config_file: Optional[PathLike] = None, overrides: Sequence[str] = (),
+                force: bool = False, device=None, skip_missing: bool = False,
+                tag: Optional[str] = None) -> "RunResults":
+    """Train (or resume, or skip) one planned run and add the evaluations it lacks, on an
+    already loaded ``clip``; the one path of ``run_protocol`` and of every sweep launcher."""
+    from . import engine
+    from .engine import distributed as D
+    from .engine.rundir import Evaluation, RunDir, RunResults, evaluation_key
+
+    log = logger.info if D.is_main() else logger.debug
+    tag = tag or run.describe()
+    folder = RunDir(run.run_dir)
+    results = None if force else folder.read_results()
+    _check_backbone(run, results, clip, backbone)
+    state = "new" if force else run_state(run, results)[0]
+    present = ", ".join(run.evaluation_keys)
+    log("%s: %s", tag, {"new": "training", "resume": "resuming", "evaluate": "evaluating",
+                        "done": f"skipped (finished; {present} present)"}[state])
+    # Always through run_experiment: it returns a finished run at once, but first checks that
+    # the run folder's config is the one asked for (else a changed override would be ignored).
+    results = RunResults.from_dict(engine.run_experiment(
+        run.method, run.spec(run.dataset), root, backbone, run.run_dir, shots=run.shots,
+        seed=run.seed, subsample=run.subsample, protocol=run.protocol,
+        config_file=config_file, overrides=tuple(overrides), resume=True, force=force,
+        device=device, clip=clip, skip_missing=skip_missing))
+    for dataset, subsample in run_state(run, results)[1]:
+        log("%s: evaluating on %s/%s", tag, dataset, subsample)
+        entry = engine.evaluate_run(run.run_dir, run.spec(dataset), root, subsample=subsample,
+                                    device=device, clip=clip, skip_missing=skip_missing)
+        key = evaluation_key(dataset, subsample)
+        results.evaluations[key] = Evaluation.from_dict(entry, key)
+    if D.is_main():
+        folder.clear_failure()  # an earlier attempt's record (sweeps) no longer applies
+    if state != "done":
+        log("%s: done (%s)", tag, ", ".join(
+            f"{k} {results.accuracy(k):.2f}%" for k in run.evaluation_keys
+            if results.accuracy(k) is not None))
+    return results

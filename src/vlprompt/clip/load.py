@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_json, file_lock
 # re-exported: ``from vlprompt.clip.load import state_checksum`` keeps working
 from .fingerprint import (attach_fingerprint, backbone_fingerprint,  # noqa: F401
                           fingerprint_matches, legacy_state_checksum, source_dtype,
@@ -88,7 +88,11 @@ def resolve_backbone(name_or_path: Union[str, os.PathLike], download: bool = Tru
     url = _OPENAI_URL.format(sha=sha, file=filename)
     if download:
         try:
-            _download(url, target, sha)
+            # processes sharing the cache (a sweep's jobs) take turns: one downloads, the
+            # others find the file when they get the lock
+            with file_lock(target.parent / f".{filename}.lock"):
+                if not target.exists():
+                    _download(url, target, sha)
             return target
         except OSError as err:
             reason = f"download failed ({err})"
@@ -408,7 +412,61 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
     model.source_dtype = source_dtype(state.values())  # "float16" for OpenAI archives
     model.backbone_name = canonical_backbone_name(str(name_or_path)) or str(name_or_path)
     model.requires_grad_(False).eval()
-    return _move_fingerprinted(model, device, dtype or torch.float32)
+    known = known_fingerprint(path)
+    if known is not None:
+        attach_fingerprint(model, known)
+    model = _move_fingerprinted(model, device, dtype or torch.float32)
+    if known is None:
+        remember_fingerprint(path, backbone_fingerprint(model))
+    return model
+
+
+# --------------------------------------------------------------------------- fingerprint cache
+def _fingerprint_key(path: Path) -> Optional[str]:
+    """A weights file's identity for the cache: resolved path, size and modification time (a
+    rewritten file gets a new key). Folders are not cached (their files change separately)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}" if path.is_file() else None
+
+
+def _fingerprints_file() -> Path:
+    return cache_dir() / "fingerprints.json"
+
+
+def known_fingerprint(path: Union[str, os.PathLike]) -> Optional[str]:
+    """The fingerprint recorded for this exact file by an earlier ``load_clip`` (a sweep hashes
+    a backbone once, before its jobs start), else None."""
+    key = _fingerprint_key(Path(path))
+    if key is None:
+        return None
+    try:
+        return json.loads(_fingerprints_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remember_fingerprint(path: Union[str, os.PathLike], fingerprint: str) -> None:
+    """Record a file's fingerprint in the cache folder (best effort: a read-only cache folder
+    only costs the next load a re-hash)."""
+    key = _fingerprint_key(Path(path))
+    if key is None:
+        return
+    target = _fingerprints_file()
+    try:
+        with file_lock(target.parent / ".fingerprints.lock"):
+            try:
+                table = json.loads(target.read_text())
+            except (OSError, ValueError):
+                table = {}
+            if not isinstance(table, dict):
+                table = {}
+            table[key] = fingerprint
+            atomic_write_json(target, table)
+    except OSError as err:
+        logger.debug("could not record the fingerprint of %s: %s", path, err)
 
 
 def _move_fingerprinted(model: CLIP, device: Union[str, torch.device], dtype: torch.dtype) -> CLIP:

@@ -10,6 +10,8 @@ Layout of a run folder::
                                 tensors), checkpoint.json (header), training_state.pt (resume)
     checkpoints/000006/         the previous generation (kept as a fallback)
     .lock                       held (``flock``) by the one process writing the folder
+    progress.json               where training is (epoch, step, ETA), for sweep status tables
+    failure.json                why the last attempt failed (sweeps), removed when a run succeeds
 
 Guarantees:
 
@@ -43,7 +45,7 @@ from typing import Callable, Iterator, Optional, Union
 import yaml
 
 from ..fileio import (atomic_write_json, atomic_write_text, fsync_dir, fsync_file,
-                      remove_stale_temporaries)
+                      make_temp_file, remove_stale_temporaries)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ CHECKPOINTS_DIR = "checkpoints"
 TENSORS_FILE = "checkpoint.safetensors"
 HEADER_FILE = "checkpoint.json"
 STATE_FILE = "training_state.pt"
+PROGRESS_FILE = "progress.json"
+FAILURE_FILE = "failure.json"
 #: generations kept on disk: the newest and one fallback
 KEEP_GENERATIONS = 2
 _GENERATION = re.compile(r"^\d{6}$")
@@ -304,6 +308,30 @@ class RunDir:
     def locked(self) -> bool:
         return self._lock_fd is not None
 
+    def holder(self) -> Optional[dict]:
+        """The process writing the folder now (``{"pid", "host", "started"}``), else None.
+        Probes the lock without keeping it; a folder this object has locked counts as held."""
+        path = self.path / LOCK_FILE
+        if self._lock_fd is not None:
+            return {"pid": os.getpid(), "host": socket.gethostname(), "started": ""}
+        if not path.is_file():
+            return None
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return json.loads(os.pread(fd, 4096, 0).decode() or "{}") or {"pid": None}
+            except ValueError:
+                return {"pid": None}
+        finally:
+            os.close(fd)  # releases the probe's shared lock, if it got one
+        return None
+
     def __enter__(self) -> "RunDir":
         return self.lock()
 
@@ -355,9 +383,42 @@ class RunDir:
 
     def clear(self) -> None:
         """Delete the run's outputs (``--force``); the log is kept and appended to."""
-        for name in (CONFIG_FILE, RESULTS_FILE, TENSORS_FILE, HEADER_FILE, STATE_FILE):
+        for name in (CONFIG_FILE, RESULTS_FILE, TENSORS_FILE, HEADER_FILE, STATE_FILE,
+                     PROGRESS_FILE, FAILURE_FILE):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    # ------------------------------------------------------------------ progress and failures
+    def _read_json(self, name: str) -> Optional[dict]:
+        """An advisory file (progress, failure): None when absent or unreadable."""
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_progress(self, progress: dict) -> None:
+        """Where training is, with the time written (advisory: a status table reads it)."""
+        stamped = {**progress, "updated": datetime.datetime.now().timestamp()}
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = make_temp_file(self.path / PROGRESS_FILE)  # a kill leaves a known stale name
+            tmp.write_text(json.dumps(stamped) + "\n")  # no fsync: losing it loses nothing
+            os.replace(tmp, self.path / PROGRESS_FILE)
+        except OSError as err:  # advisory: a full disk must not stop training here
+            logger.debug("could not write %s: %s", self.path / PROGRESS_FILE, err)
+
+    def read_progress(self) -> Optional[dict]:
+        return self._read_json(PROGRESS_FILE)
+
+    def write_failure(self, failure: dict) -> None:
+        atomic_write_json(self.path / FAILURE_FILE, failure)
+
+    def read_failure(self) -> Optional[dict]:
+        return self._read_json(FAILURE_FILE)
+
+    def clear_failure(self) -> None:
+        (self.path / FAILURE_FILE).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ results
     def read_results(self) -> Optional[RunResults]:
