@@ -75,6 +75,15 @@ def test_sweep_is_one_job_array_with_the_resources(sweep_world, tmp_path, fake_s
     status = capsys.readouterr().out
     assert "8 run(s): 8 to do" in status and "4242_7" in status
 
+    # with SLURM's accounting on PATH, status shows each array task's state
+    sacct = fake_slurm.parent / "bin" / "sacct"
+    sacct.write_text("#!/bin/sh\necho 'JobID|State|NodeList'\n"
+                     "echo '4242_0|RUNNING|node1'\necho '4242_[1-7]|PENDING|None assigned'\n")
+    sacct.chmod(0o755)
+    assert main(["status", str(out)]) == 0
+    status = capsys.readouterr().out
+    assert "4242_0 RUNNING" in status and "4242_7 PENDING" in status
+
 
 def test_one_large_run_on_two_nodes(sweep_world, tmp_path, fake_slurm, capsys):
     out = tmp_path / "out"

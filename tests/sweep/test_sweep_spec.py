@@ -117,3 +117,16 @@ def test_missing_submitit_is_one_clear_line(sweep_world, tmp_path, capsys, monke
     assert main(["sweep", str(write_sweep(sweep_world, "nosubmitit.yaml")), "--output",
                  str(tmp_path / "o"), "--launcher", "local"]) == 1
     assert "pip install 'vlprompt[cluster]'" in capsys.readouterr().err
+
+
+def test_grid_points_are_separate_report_rows(sweep_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    path = write_sweep(sweep_world, "grid.yaml", methods=["coop"], datasets=["eurosat"],
+                       seeds=[1], overrides=["train.max_epoch=1", "train.num_workers=0",
+                                             "train.batch_size=8"],
+                       grid={"train.lr": [0.002, 0.02]})
+    assert main(["sweep", str(path), "--output", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| coop [train.lr=")]
+    assert [r.split("]")[0] for r in rows] == ["| coop [train.lr=0.002", "| coop [train.lr=0.02"]
+    assert (out / "report.csv").is_file()

@@ -89,7 +89,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .status import collect, failure_report, read_manifests, render_table, summary_line
+    from .status import (collect, failure_report, read_manifests, render_table, slurm_states,
+                         summary_line)
 
     output = Path(args.output)
     if not output.exists():
@@ -101,8 +102,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     while True:
         failures = []
-        for sweep, job_ids in sweeps:
+        for sweep, job_ids, launcher in sweeps:
             statuses = collect(sweep.jobs)
+            if launcher == "slurm":
+                job_ids = slurm_states(sweep, job_ids, statuses)
             console.print(render_table(statuses, title=f"{sweep.name} ({sweep.output})",
                                        job_ids=job_ids))
             console.print(summary_line(statuses))

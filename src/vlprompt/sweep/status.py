@@ -181,14 +181,33 @@ def failure_report(sweep: Sweep, statuses: Sequence[RunStatus]) -> str:
     return "\n".join(out)
 
 
-def read_manifests(output: Path) -> list[tuple[Sweep, dict]]:
-    """The sweeps launched into ``output`` (their manifests), oldest first."""
+def slurm_states(sweep: Sweep, job_ids: dict, statuses: Sequence[RunStatus]) -> dict:
+    """``{run_dir: "4242_3 PENDING"}`` for the runs not done, from SLURM's accounting through
+    submitit (one ``sacct`` call per array); the bare id where it cannot be asked."""
+    out = dict(job_ids)
+    pending = [s for s in statuses if s.state != "done" and str(s.job.run_dir) in job_ids]
+    try:
+        import submitit
+
+        jobs = {str(s.job.run_dir): submitit.SlurmJob(
+            str(sweep.state_dir / "submitit" / "%j"), job_ids[str(s.job.run_dir)])
+            for s in pending}
+        for key, job in jobs.items():
+            out[key] = f"{job_ids[key]} {job.state}"
+    except Exception:  # noqa: BLE001 - no submitit or no sacct here: ids only
+        pass
+    return out
+
+
+def read_manifests(output: Path) -> list[tuple[Sweep, dict, str]]:
+    """The sweeps launched into ``output`` (plan, job ids, launcher), oldest first."""
     folder = Path(output) / ".vlprompt-sweep"
     found = []
     for path in sorted(folder.glob("sweep-*.json"), key=lambda p: p.stat().st_mtime):
         try:
             data = json.loads(path.read_text())
-            found.append((Sweep.from_dict(data["sweep"]), data.get("job_ids", {})))
+            found.append((Sweep.from_dict(data["sweep"]), data.get("job_ids", {}),
+                          data.get("launcher", "")))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a readable sweep manifest ({err}); delete it") from None
     return found
