@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "vlprompt.engine.commands",
     "vlprompt.protocol_commands",
     "vlprompt.predict_commands",
+    "vlprompt.interop.commands",
     "vlprompt.sweep.commands",
     "vlprompt.toyworld.commands",
 ]

@@ -11,12 +11,15 @@ from typing import Sequence
 def register(sub) -> None:
     p = sub.add_parser("predict", help="classify images zero-shot or with learned prompts",
                        description="Print the top classes (--topk, default 5) with their probabilities "
-                                   "for each image, zero-shot with --backbone and --classes, or "
-                                   "with a trained run's learned prompts (--checkpoint).")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--backbone", help="CLIP name (ViT-B/16, ...) or weights file/folder")
-    source.add_argument("--checkpoint", metavar="RUN_DIR",
-                        help="a trained run folder, or a file in it (learned prompts)")
+                                   "for each image, zero-shot with --backbone and --classes, "
+                                   "with a trained run's learned prompts (--checkpoint RUN_DIR), "
+                                   "or with a classifier head of 'vlprompt export' (the "
+                                   "classifier format; --checkpoint FILE: the image tower only).")
+    p.add_argument("--backbone", help="CLIP name (ViT-B/16, ...) or weights file/folder (with a "
+                   "classifier file: where its backbone is, if not where it was exported)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR",
+                   help="a trained run folder, or a file in it (learned prompts), or an exported "
+                        "classifier .safetensors file")
     p.add_argument("--classes", help='comma-separated class names, e.g. "cat,dog,car" '
                    "(optional with --checkpoint: defaults to the run's classes)")
     p.add_argument("--template", default="a photo of a {}.",
@@ -62,8 +65,24 @@ def _print_predictions(paths, predictions: list[list[tuple[str, float]]]) -> Non
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .interop.export import is_classifier_file
+
+    classifier = bool(args.checkpoint) and is_classifier_file(args.checkpoint)
+    if not (args.backbone or args.checkpoint):
+        raise ValueError("pass --backbone (zero-shot) or --checkpoint (a run folder or an "
+                         "exported classifier)")
+    if args.backbone and args.checkpoint and not classifier:
+        raise ValueError("--backbone is not allowed with a run folder --checkpoint (the run "
+                         "records its backbone); it is only for an exported classifier file")
     paths = _check_images(args.images)
     classes = _parse_classes(args.classes)
+    if classifier:
+        from .interop.export import predict_with_classifier
+
+        _print_predictions(paths, predict_with_classifier(
+            args.checkpoint, [str(p) for p in paths], classes, topk=args.topk,
+            device=args.device, backbone=args.backbone))
+        return 0
     if args.checkpoint:
         from .engine import predict_with_checkpoint
 

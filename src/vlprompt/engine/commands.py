@@ -64,15 +64,40 @@ def _require_root(dataset: str, root) -> None:
 
 
 def cmd_eval(args) -> int:
+    from ..interop.run import is_official
     from .distributed import is_main
     from .run import evaluate_run
 
     _require_root(args.dataset, args.root)
+    if is_official(args.checkpoint):
+        return _eval_official(args)
+    given = [f for f, v in (("--method", args.method), ("--backbone", args.backbone),
+                            ("--epoch", args.epoch), ("key=value", args.overrides)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for official checkpoints; {args.checkpoint} is "
+                         f"a vlprompt run folder, which records its method and backbone")
     entry = evaluate_run(args.checkpoint, args.dataset, args.root, subsample=args.subsample,
                          device=args.device, skip_missing=args.skip_missing,
                          allow_class_mismatch=args.allow_class_mismatch)
     if is_main():
         print(_summary(entry))
+    return 0
+
+
+def _eval_official(args) -> int:
+    """``eval`` of an official repository's checkpoint file or output folder."""
+    from ..interop.commands import method_overrides, parse_epoch
+    from ..interop.official import supported_methods
+    from ..interop.run import evaluate_official
+
+    if not args.method:
+        raise ValueError(f"{args.checkpoint} is an official repository's checkpoint: pass "
+                         f"--method (one of {', '.join(supported_methods())})")
+    entry = evaluate_official(args.checkpoint, args.method, args.dataset, args.root,
+                              args.backbone, subsample=args.subsample, device=args.device,
+                              skip_missing=args.skip_missing, epoch=parse_epoch(args.epoch),
+                              overrides=method_overrides(args.method, args.overrides))
+    print(_summary(entry))
     return 0
 
 
@@ -153,9 +178,22 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on a dataset",
                        description="Evaluate a run folder's checkpoint on a dataset's test split; the "
                                    "result is added to the folder's results.json and its own log "
-                                   "(<run parent>_test_<dataset>_<subsample>/<run>/log.txt).")
+                                   "(<run parent>_test_<dataset>_<subsample>/<run>/log.txt). An "
+                                   "official repository's checkpoint file or output folder "
+                                   "(<dir>/<registered model>/model.pth.tar-<epoch>) is evaluated "
+                                   "with --method and --backbone, and nothing is written.")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                   help="run folder of 'vlprompt train' (or a file in it)")
+                   help="run folder of 'vlprompt train' (or a file in it), or an official "
+                        "checkpoint file/output folder")
+    p.add_argument("--method", default=None,
+                   help="official checkpoints: the method (coop, maple, ...)")
+    p.add_argument("--backbone", default=None,
+                   help="official checkpoints: the CLIP it was trained on (default: the run's "
+                        "MODEL.BACKBONE.NAME)")
+    p.add_argument("--epoch", default=None,
+                   help="official folders: last (default), best or an epoch number")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="official checkpoints: method config fields (method.ctx_init=...)")
     p.add_argument("--dataset", required=True, help="dataset name or a dataset .yaml")
     p.add_argument("--root", default=None,
                    help="data root holding the dataset folders (not needed for a .yaml dataset)")

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from ..interop.layout import OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .prompts import TextPrompts, encode_per_sample_prompts
 from .registry import register_method
@@ -52,6 +53,12 @@ class CoCoOp(Method):
     name = "cocoop"
     description = "CoCoOp: image-conditional context via a meta-net (CVPR 2022)"
     Config = CoCoOpConfig
+    #: checkpoint layout of the official trainer (``vlprompt.interop``)
+    official_layout = OfficialLayout(
+        repo="KaiyangZhou/CoOp", source="trainers/cocoop.py", trainer="CoCoOp",
+        models=("prompt_learner",), rules=(Rule("ctx", "ctx"), Rule("meta_net.", "meta_net.")),
+        config={"TRAINER.COCOOP.N_CTX": "n_ctx", "TRAINER.COCOOP.CTX_INIT": "ctx_init"},
+        shapes={"n_ctx": ("ctx", "dim0")}, text_prompts="prompts")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[CoCoOpConfig] = None,
                  template: Optional[str] = None):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from ..clip.model import CLIP
 from ..clip.tokenizer import tokenize
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import CoupledPrompts
 from .registry import register_method
@@ -173,6 +174,25 @@ class COMMA(Method):
     description = ("COMMA: co-articulated vision-language prompts with text-tower "
                    "distillation (AAAI 2024)")
     Config = COMMAConfig
+    #: checkpoint layout of the official trainer (the whole ``CustomCLIP`` registered as
+    #: "MultiModalPromptLearner"); ``compound_prompts_image`` is overwritten at every forward
+    #: there, and its attention transforms are the generators (released-code mode)
+    official_layout = OfficialLayout(
+        repo="hulianyuyy/COMMA", source="trainers/comma.py", trainer="COMMA",
+        models=("MultiModalPromptLearner",),
+        rules=(Rule("prompt_learner.ctx", "prompts.ctx"),
+               Rule("prompt_learner.proj.", "prompts.proj."),
+               Rule("prompt_learner.compound_prompts_text", "prompts.text_deep.prompts"),
+               Rule("prompt_learner.compound_prompt_projections_image_base.", "generators.0."),
+               Rule("prompt_learner.compound_prompt_projections_image.{i}.", "generators.{i}.",
+                    offset=1)),
+        ignored=("prompt_learner.compound_prompts_image",),
+        config={"TRAINER.COMMA.N_CTX": "n_ctx", "TRAINER.COMMA.CTX_INIT": "ctx_init",
+                "TRAINER.COMMA.PROMPT_DEPTH": "depth", "TRAINER.COMMA.WEIGHT": "kd_weight",
+                "TRAINER.COMMA.LAST_LAYER": "kd_layers"},
+        shapes={"n_ctx": ("prompts.ctx", "dim0"),
+                "depth": (("prompts.ctx", "prompts.text_deep.prompts"), "layers")},
+        backbone=CUSTOM_CLIP_BACKBONE, tokens="prompt_learner.", text_prompts="prompts.text")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
                  config: Optional[COMMAConfig] = None, template: Optional[str] = None):

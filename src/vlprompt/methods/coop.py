@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..interop.layout import OfficialLayout, Rule
 from .base import Method
 from .prompts import FrozenFeatureCache, TextPrompts
 from .registry import register_method
@@ -27,6 +28,14 @@ class CoOp(Method):
 
     name = "coop"
     description = "CoOp: M learnable context vectors shared by the classes (or class-specific)"
+    #: checkpoint layout of the official trainer (``vlprompt.interop``)
+    official_layout = OfficialLayout(
+        repo="KaiyangZhou/CoOp", source="trainers/coop.py", trainer="CoOp",
+        models=("prompt_learner",), rules=(Rule("ctx", "ctx"),),
+        config={"TRAINER.COOP.N_CTX": "n_ctx", "TRAINER.COOP.CTX_INIT": "ctx_init",
+                "TRAINER.COOP.CLASS_TOKEN_POSITION": "class_token_position",
+                "TRAINER.COOP.CSC": "csc"},
+        shapes={"n_ctx": ("ctx", "dim-2"), "csc": ("ctx", "ndim3")}, text_prompts="prompts")
 
     @dataclasses.dataclass
     class Config:

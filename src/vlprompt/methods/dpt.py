@@ -33,12 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from ..interop.layout import OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import PROMPT_INIT_STD
 from .prompts import FrozenFeatureCache, TextPrompts, hand_crafted_text_features
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
+#: the official CAVPT generator's registered model name (``fanrena/DPT trainers/DPT.py``)
+_EXTRACTOR = "image_encoder.transformer.extractor"
 
 
 @dataclasses.dataclass
@@ -142,6 +145,30 @@ class DPT(Method):
     description = ("DPT: CoOp text prompts + VPT-deep + class-aware visual prompts from the "
                    "zero-shot top-K classes (TMM 2023)")
     Config = DPTConfig
+    #: checkpoint layout of the official trainer: three registered models (VPT tokens, CAVPT
+    #: generator, CoOp prompt learner); the official loader drops the class-specific
+    #: auxiliary classifiers ``classfiers``, so they are optional here
+    official_layout = OfficialLayout(
+        repo="fanrena/DPT", source="trainers/DPT.py", trainer="DPT",
+        models=("image_encoder.transformer.ctx_learner", _EXTRACTOR, "prompt_learner"),
+        rules=(Rule("ctx", "vpt", model="image_encoder.transformer.ctx_learner"),
+               Rule("ctx[{i}]", "cavpt.{i}.kv_tokens", model=_EXTRACTOR),
+               Rule("meta_nets.{i}.", "cavpt.{i}.meta_net.", model=_EXTRACTOR),
+               Rule("attns.{i}.qmlp.", "cavpt.{i}.q_proj.", model=_EXTRACTOR),
+               Rule("attns.{i}.kmlp.", "cavpt.{i}.k_proj.", model=_EXTRACTOR),
+               Rule("attns.{i}.vmlp.", "cavpt.{i}.v_out.", model=_EXTRACTOR),
+               Rule("lns.{i}.", "cavpt.{i}.ln.", model=_EXTRACTOR),
+               Rule("lns2.{i}.", "cavpt.{i}.ln2.", model=_EXTRACTOR),
+               Rule("classfiers.{i}.", "aux_classifiers.{i}.", model=_EXTRACTOR, optional=True),
+               Rule("ctx", "ctx", model="prompt_learner")),
+        config={"TRAINER.COOP.N_CTX": "n_ctx_text", "TRAINER.COOP.CTX_INIT": "ctx_init",
+                "TRAINER.VPT.N_CTX": "n_ctx_vision", "TRAINER.SELECTED_COVPT.CPN": "top_k",
+                "PRETRAIN.C": "guidance_epochs", "TRAINER.ALPHA": "aux_weight"},
+        shapes={"n_ctx_text": ("ctx", "dim0"), "n_ctx_vision": ("vpt", "dim1"),
+                "cavpt_depth": ("cavpt.*.kv_tokens", "count"),
+                "n_kv_tokens": ("cavpt.0.kv_tokens", "dim0"),
+                "attn_dim": ("cavpt.0.q_proj.weight", "dim0")},
+        tokens_model="prompt_learner", text_prompts="prompts", fill=("epoch",))
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[DPTConfig] = None,
                  template: Optional[str] = None):

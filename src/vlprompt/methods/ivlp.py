@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from ..clip.model import CLIP
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import TextDeepPrompts, VisionPrompts
 from .registry import register_method
@@ -63,6 +64,25 @@ class IVLP(Method):
     name = "ivlp"
     description = "IVLP: independent vision and language deep prompts (MaPLe's baseline)"
     Config = IVLPConfig
+    #: checkpoint layout of the official trainer, which registers the whole ``CustomCLIP`` as
+    #: "VLPromptLearner"; the deep prompts are ``VPT_shallow`` parameters of the CLIP blocks
+    official_layout = OfficialLayout(
+        repo="muzairkhattak/multimodal-prompt-learning", source="trainers/independentVL.py",
+        trainer="IVLP", models=("VLPromptLearner",),
+        rules=(Rule("prompt_learner.ctx", "text.ctx"),
+               Rule("text_encoder.transformer.resblocks.{i}.VPT_shallow", "text.deep.prompts[{i}]",
+                    offset=-1),
+               Rule("image_encoder.VPT", "vision.shallow"),
+               Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow",
+                    "vision.deep.prompts[{i}]", offset=-1)),
+        config={"TRAINER.IVLP.N_CTX_TEXT": "n_ctx_text",
+                "TRAINER.IVLP.N_CTX_VISION": "n_ctx_vision", "TRAINER.IVLP.CTX_INIT": "ctx_init",
+                "TRAINER.IVLP.PROMPT_DEPTH_TEXT": "depth_text",
+                "TRAINER.IVLP.PROMPT_DEPTH_VISION": "depth_vision"},
+        shapes={"n_ctx_text": ("text.ctx", "dim0"), "n_ctx_vision": ("vision.shallow", "dim0"),
+                "depth_text": (("text.ctx", "text.deep.prompts"), "layers"),
+                "depth_vision": (("vision.shallow", "vision.deep.prompts"), "layers")},
+        backbone=CUSTOM_CLIP_BACKBONE, tokens="prompt_learner.", text_prompts="text.text")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[IVLPConfig] = None,
                  template: Optional[str] = None):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from ..interop.layout import OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .prompts import TextPrompts, hand_crafted_text_features
 from .registry import register_method
@@ -48,6 +49,15 @@ class KgCoOp(Method):
     description = ("KgCoOp: CoOp regularised towards hand-crafted prompt features "
                    "(CVPR 2023)")
     Config = KgCoOpConfig
+    #: checkpoint layout of the official trainer (``vlprompt.interop``); ``bias_vectors`` and
+    #: ``meta_net`` are created there but never trained nor used in the forward pass
+    official_layout = OfficialLayout(
+        repo="htyao89/KgCoOp", source="KgCoOp/trainers/kgcoop.py", trainer="KgCoOp",
+        models=("prompt_learner",), rules=(Rule("ctx", "ctx"),),
+        ignored=("bias_vectors", "meta_net.linear1."),
+        config={"TRAINER.COOP.N_CTX": "n_ctx", "TRAINER.COOP.CTX_INIT": "ctx_init",
+                "TRAINER.COOP.W": "kg_weight"},
+        shapes={"n_ctx": ("ctx", "dim0")}, text_prompts="prompts")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[KgCoOpConfig] = None,
                  template: Optional[str] = None):

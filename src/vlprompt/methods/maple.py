@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from ..clip.model import CLIP
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import CoupledPrompts
 from .registry import register_method
@@ -44,6 +45,20 @@ class MaPLe(Method):
     name = "maple"
     description = "MaPLe: coupled vision-language deep prompts (CVPR 2023)"
     Config = MaPLeConfig
+    #: checkpoint layout of the official trainer, which registers the whole ``CustomCLIP``
+    #: (frozen CLIP included) as "MultiModalPromptLearner" (``vlprompt.interop``)
+    official_layout = OfficialLayout(
+        repo="muzairkhattak/multimodal-prompt-learning", source="trainers/maple.py",
+        trainer="MaPLe", models=("MultiModalPromptLearner",),
+        rules=(Rule("prompt_learner.ctx", "prompts.ctx"),
+               Rule("prompt_learner.proj.", "prompts.proj."),
+               Rule("prompt_learner.compound_prompts_text.{i}", "prompts.text_deep.prompts[{i}]"),
+               Rule("prompt_learner.compound_prompt_projections.{i}.", "prompts.couplings.{i}.")),
+        config={"TRAINER.MAPLE.N_CTX": "n_ctx", "TRAINER.MAPLE.CTX_INIT": "ctx_init",
+                "TRAINER.MAPLE.PROMPT_DEPTH": "depth"},
+        shapes={"n_ctx": ("prompts.ctx", "dim0"),
+                "depth": (("prompts.ctx", "prompts.text_deep.prompts"), "layers")},
+        backbone=CUSTOM_CLIP_BACKBONE, tokens="prompt_learner.", text_prompts="prompts.text")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[MaPLeConfig] = None,
                  template: Optional[str] = None):

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..clip.templates import PROMPTSRC_TEMPLATES
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .ivlp import IVLP, IVLPConfig
 from .prompts import hand_crafted_text_features
 from .registry import register_method
@@ -99,6 +100,30 @@ class PromptSRC(IVLP):
     name = "promptsrc"
     description = "PromptSRC: self-regulating independent V-L prompts with GPA (ICCV 2023)"
     Config = PromptSRCConfig
+    #: checkpoint layout of the official trainer (IVLP's, plus the frozen zero-shot image tower
+    #: ``ZS_image_encoder``); the saved prompts are the GPA aggregate, so it fills ``gpa.*``
+    official_layout = OfficialLayout(
+        repo="muzairkhattak/PromptSRC", source="trainers/promptsrc.py", trainer="PromptSRC",
+        models=("VLPromptLearner",),
+        rules=(Rule("prompt_learner.ctx", "text.ctx"),
+               Rule("text_encoder.transformer.resblocks.{i}.VPT_shallow", "text.deep.prompts[{i}]",
+                    offset=-1),
+               Rule("image_encoder.VPT", "vision.shallow"),
+               Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow",
+                    "vision.deep.prompts[{i}]", offset=-1)),
+        config={"TRAINER.PROMPTSRC.N_CTX_TEXT": "n_ctx_text",
+                "TRAINER.PROMPTSRC.N_CTX_VISION": "n_ctx_vision",
+                "TRAINER.PROMPTSRC.CTX_INIT": "ctx_init",
+                "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": "depth_text",
+                "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": "depth_vision",
+                "TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT": "text_loss_weight",
+                "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT": "image_loss_weight",
+                "TRAINER.PROMPTSRC.GPA_MEAN": "gpa_mean", "TRAINER.PROMPTSRC.GPA_STD": "gpa_std"},
+        shapes={"n_ctx_text": ("text.ctx", "dim0"), "n_ctx_vision": ("vision.shallow", "dim0"),
+                "depth_text": (("text.ctx", "text.deep.prompts"), "layers"),
+                "depth_vision": (("vision.shallow", "vision.deep.prompts"), "layers")},
+        backbone={"prompt_learner.ZS_image_encoder.": "visual.", **CUSTOM_CLIP_BACKBONE},
+        tokens="prompt_learner.", text_prompts="text.text", fill=("gpa",))
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
                  config: Optional[PromptSRCConfig] = None, template: Optional[str] = None):

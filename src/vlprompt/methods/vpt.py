@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from ..clip.model import CLIP
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import VisionPrompts
 from .prompts import hand_crafted_text_features
@@ -48,6 +49,19 @@ class VPT(Method):
     description = ("VPT-deep: learnable vision tokens in every block, frozen text classifier "
                    "(ECCV 2022)")
     Config = VPTConfig
+    #: checkpoint layout of the official trainer (the whole ``CustomCLIP`` registered as
+    #: "prompt_learner"; the text side is fixed, so there are no token buffers)
+    official_layout = OfficialLayout(
+        repo="muzairkhattak/multimodal-prompt-learning", source="trainers/vpt.py", trainer="VPT",
+        models=("prompt_learner",),
+        rules=(Rule("image_encoder.VPT", "vision.shallow"),
+               Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow",
+                    "vision.deep.prompts[{i}]", offset=-1)),
+        config={"TRAINER.VPT.N_CTX_VISION": "n_ctx_vision",
+                "TRAINER.VPT.PROMPT_DEPTH_VISION": "depth"},
+        shapes={"n_ctx_vision": ("vision.shallow", "dim0"),
+                "depth": (("vision.shallow", "vision.deep.prompts"), "layers")},
+        backbone=CUSTOM_CLIP_BACKBONE)
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[VPTConfig] = None,
                  template: Optional[str] = None):

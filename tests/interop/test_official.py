@@ -1,0 +1,180 @@
+"""Official checkpoints of every supported method: every tensor placed, the same logits as the
+method holding those tensors, inferred settings, and one-line errors for the wrong files."""
+
+import pytest
+import torch
+
+from vlprompt.interop.mapping import official_to_ours
+from vlprompt.interop.official import layout_of, load_official, supported_methods
+from vlprompt.interop.run import evaluate_official
+from vlprompt.methods import get_method
+
+from .official_files import METHODS, official_states, random_method, write_log, write_official
+
+
+def test_every_method_with_an_official_repo_is_supported():
+    assert set(METHODS) <= set(supported_methods())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_tensor_is_placed_and_logits_match(name, world, batch, tmp_path):
+    ref = random_method(name, world.clip, world.classnames)
+    states = official_states(name, ref, world.clip)
+    write_official(tmp_path / "out", states)
+    mapped = official_to_ours(layout_of(get_method(name)), states)
+    assert mapped.unplaced == []
+    official = {n for m, s in states.items() for n in
+                (f"{m}/{k}" if len(states) > 1 else k for k in s)}
+    accounted = ({n.split("[")[0] for v in mapped.sources.values() for n in v}
+                 | {n for _, n, _ in mapped.backbone} | set(mapped.dropped))
+    assert official - accounted == {n for n in official if n.endswith(("token_prefix",
+                                                                       "token_suffix"))}
+    assert len(mapped.tokens) == (0 if name == "vpt" else 2)
+    oc = load_official(tmp_path / "out", name, world.clip, world.classnames, None)
+    expected = {k for k in ref.trainable_state_dict()}
+    assert set(oc.method.trainable_state_dict()) == expected
+    with torch.no_grad():
+        assert torch.equal(oc.method(batch), ref(batch))
+
+
+@pytest.mark.parametrize("name", ["coop", "maple", "dpt"])
+def test_eval_of_official_folder_equals_the_method(name, world, tmp_path):
+    from vlprompt.data import ImageDataset, build_transform, load_split
+    from vlprompt.engine.evaluate import evaluate_method
+
+    ref = random_method(name, world.clip, world.classnames, template=world.template)
+    write_official(tmp_path / "out", official_states(name, ref, world.clip))
+    entry = evaluate_official(tmp_path / "out", name, "eurosat", world.data, world.clip_path,
+                              device="cpu")
+    split = load_split("eurosat", world.data)
+    test = ImageDataset(split.test, build_transform(False, 32), dataset="eurosat")
+    direct = evaluate_method(ref, test, split.classnames, device=torch.device("cpu"))
+    assert entry["accuracy"] == direct["accuracy"] and entry["num_images"] == direct["num_images"]
+
+
+def test_finds_latest_best_and_single_files(world, batch, tmp_path):
+    old = random_method("coop", world.clip, world.classnames, seed=1)
+    new = random_method("coop", world.clip, world.classnames, seed=2)
+    out = tmp_path / "out"
+    write_official(out, official_states("coop", old, world.clip), epoch=5)
+    write_official(out, official_states("coop", new, world.clip), epoch=10)
+    write_official(out, official_states("coop", old, world.clip), best=True)
+    with torch.no_grad():
+        for path, epoch, ref in [(out, "last", new), (out / "prompt_learner", "last", new),
+                                 (out, 5, old), (out, "best", old),
+                                 (out / "prompt_learner" / "model.pth.tar-10", "last", new)]:
+            oc = load_official(path, "coop", world.clip, world.classnames, None, epoch=epoch)
+            assert torch.equal(oc.method(batch), ref(batch)), (path, epoch)
+    with pytest.raises(FileNotFoundError, match="model.pth.tar-7 does not exist"):
+        load_official(out, "coop", world.clip, world.classnames, None, epoch=7)
+
+
+def test_dpt_needs_its_three_registered_models(world, tmp_path):
+    ref = random_method("dpt", world.clip, world.classnames)
+    paths = write_official(tmp_path / "out", official_states("dpt", ref, world.clip))
+    paths["image_encoder.transformer.extractor"].unlink()
+    with pytest.raises(FileNotFoundError, match="extractor/model.pth.tar-5 is missing"):
+        load_official(tmp_path / "out", "dpt", world.clip, world.classnames, None)
+
+
+def test_settings_from_log_txt_and_config_yaml(world, batch, tmp_path):
+    ref = random_method("coop", world.clip, world.classnames, n_ctx=4, ctx_init="a photo of a")
+    out = tmp_path / "coop"
+    write_official(out, official_states("coop", ref, world.clip))
+    # CoOp's N_CTX says 16 but ctx_init sets 4 words: the tensor shape wins
+    write_log(out, "CoOp", {"TRAINER": {"NAME": "CoOp", "COOP": {
+        "N_CTX": 16, "CTX_INIT": "a photo of a", "CSC": False, "CLASS_TOKEN_POSITION": "end",
+        "PREC": "fp16"}}, "DATASET": {"NAME": "EuroSAT", "NUM_SHOTS": 16},
+        "MODEL": {"BACKBONE": {"NAME": "ViT-B/16"}}})
+    oc = load_official(out, "coop", world.clip, world.classnames, None)
+    assert oc.fields["ctx_init"] == "a photo of a" and oc.fields["n_ctx"] == 4
+    assert any("from log.txt" in n for n in oc.notes)
+    assert any("n_ctx=4 (config: 16)" in n for n in oc.notes)
+    with torch.no_grad():
+        assert torch.equal(oc.method(batch), ref(batch))
+    # without the log ctx_init falls back to CoOp's default ("X X X X"): the same prompts,
+    # since all 4 words are learned
+    (out / "log.txt").unlink()
+    oc = load_official(out, "coop", world.clip, world.classnames, None)
+    assert oc.fields["ctx_init"] == "" and any("token_suffix matches" in n for n in oc.notes)
+    with torch.no_grad():
+        assert torch.equal(oc.method(batch), ref(batch))
+
+    import yaml
+
+    mref = random_method("maple", world.clip, world.classnames, ctx_init="a photo")
+    mout = tmp_path / "maple"
+    write_official(mout, official_states("maple", mref, world.clip))
+    (mout / "config.yaml").write_text(yaml.safe_dump({"TRAINER": {"NAME": "MaPLe", "MAPLE": {
+        "N_CTX": 2, "CTX_INIT": "a photo", "PROMPT_DEPTH": 9}}}))
+    oc = load_official(mout, "maple", world.clip, world.classnames, None)
+    assert oc.fields["ctx_init"] == "a photo" and oc.fields["depth"] == 3
+    with torch.no_grad():
+        assert torch.equal(oc.method(batch), mref(batch))
+    # MaPLe learns 2 of the words: a wrong ctx_init changes the fixed tokens, and the file's
+    # token_suffix tells
+    oc = load_official(mout, "maple", world.clip, world.classnames, None,
+                       overrides={"ctx_init": "a photo of a"})
+    assert any("token_suffix differs" in n for n in oc.notes)
+
+
+def test_wrong_trainer_in_log_is_refused(world, tmp_path):
+    ref = random_method("maple", world.clip, world.classnames)
+    out = tmp_path / "out"
+    write_official(out, official_states("maple", ref, world.clip))
+    write_log(out, "MaPLe", {"TRAINER": {"NAME": "MaPLe"}})
+    with pytest.raises(ValueError, match="trained with trainer MaPLe, not COMMA.*--method maple"):
+        load_official(out, "comma", world.clip, world.classnames, None)
+
+
+@pytest.mark.parametrize("written, asked, match", [
+    ("cocoop", "coop", r"holds tensors coop does not have \(meta_net.*expects keys ctx\)"
+                       r": it is a cocoop checkpoint; use --method cocoop"),
+    ("ivlp", "maple", r"no official maple checkpoint: expected .*MultiModalPromptLearner/"
+                      r"model.pth.tar-<epoch>.*VLPromptLearner/ \(ivlp or promptsrc\)"),
+    ("comma", "maple", r"holds tensors maple does not have .*maple expects keys "
+                       r"prompt_learner.ctx, .*it is a comma checkpoint"),
+    ("maple", "coop", r"no official coop checkpoint: expected .*/prompt_learner/model.pth.tar"
+                      r"-<epoch>.*MultiModalPromptLearner/ \(comma or maple\)"),
+    ("coop", "dpt", r"no official dpt checkpoint.*prompt_learner/"),
+])
+def test_checkpoint_of_another_method(world, tmp_path, written, asked, match):
+    ref = random_method(written, world.clip, world.classnames)
+    write_official(tmp_path / "out", official_states(written, ref, world.clip))
+    with pytest.raises((ValueError, FileNotFoundError), match=match) as err:
+        load_official(tmp_path / "out", asked, world.clip, world.classnames, None)
+    assert str(tmp_path / "out") in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_wrong_shapes_and_wrong_backbone(world, tmp_path):
+    ref = random_method("coop", world.clip, world.classnames)
+    states = official_states("coop", ref, world.clip)
+    states["prompt_learner"]["ctx"] = torch.randn(16, 512).half()  # a ViT-B/16 context
+    write_official(tmp_path / "wide", states)
+    with pytest.raises(ValueError, match=r"ctx has shape \(16, 512\), but coop on this backbone "
+                                         r"expects \(16, 48\) \(expected keys: ctx\)") as err:
+        load_official(tmp_path / "wide", "coop", world.clip, world.classnames, None)
+    assert "model.pth.tar-5" in str(err.value)
+
+    ref = random_method("ivlp", world.clip, world.classnames)
+    states = official_states("ivlp", ref, world.clip)
+    states["VLPromptLearner"]["image_encoder.conv1.weight"] += 1.0  # another CLIP
+    write_official(tmp_path / "other", states)
+    with pytest.raises(ValueError, match="image_encoder.conv1.weight differs from .*another "
+                                         "backbone"):
+        load_official(tmp_path / "other", "ivlp", world.clip, world.classnames, None,
+                      backbone="tiny")
+
+
+def test_dpt_auxiliary_classifiers_are_optional(world, batch, tmp_path):
+    ref = random_method("dpt", world.clip, world.classnames)
+    states = official_states("dpt", ref, world.clip)
+    write_official(tmp_path / "out", states)
+    oc = load_official(tmp_path / "out", "dpt", world.clip, world.classnames[5:], None)
+    assert any("kept vlprompt's own aux_classifiers.0.weight" in n for n in oc.notes)
+    assert oc.method.epoch == 5  # the guidance stage follows the saved epoch
+    del states["image_encoder.transformer.extractor"]["classfiers.0.weight"]  # as load_model does
+    write_official(tmp_path / "stripped", states)
+    oc = load_official(tmp_path / "stripped", "dpt", world.clip, world.classnames, None)
+    with torch.no_grad():  # the classifiers are training-only: the logits do not change
+        assert torch.equal(oc.method(batch), ref(batch))
