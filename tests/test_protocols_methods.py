@@ -40,3 +40,20 @@ def test_base2new_runs_for_method(setup, method, capsys):
     capsys.readouterr()
     assert main(["report", str(out / "base2new" / method)]) == 0
     assert "| eurosat |" in capsys.readouterr().out
+
+
+def test_a_step_budget_runs_through_the_command_line(setup):
+    """``train.max_steps`` (with the per-step cosine) on a packaged config: the run stops after
+    exactly that many steps, mid-epoch, and is recorded as finished."""
+    tmp, backbone = setup
+    out = tmp / "out_steps"
+    argv = ["run", "base2new", "--method", "tcp", "--datasets", "eurosat", "--seeds", "1",
+            "--shots", "4", "--root", str(tmp / "data"), "--backbone", str(backbone),
+            "--output", str(out), "--device", "cpu", "train.max_steps=7", "train.num_workers=0",
+            "train.batch_size=4", "train.lr_scheduler=cosine_step"]
+    assert main(argv) == 0
+    run_dir = out / "base2new" / "tcp" / "eurosat" / "shots_4" / "seed1"
+    results = json.loads((run_dir / "results.json").read_text())
+    # 5 base classes x 4 shots = 20 images, batch 4: 5 steps an epoch, 7 steps = 2 epochs
+    assert results["train"]["finished"] and len(results["train"]["loss_history"]) == 2
+    assert results["config"]["train"]["max_steps"] == 7

@@ -34,11 +34,19 @@ class TrainConfig:
     #: images per optimiser step, over all processes (split across ranks and ``grad_accum``)
     batch_size: int = 32
     eval_batch_size: int = 100
+    #: "sgd" (Dassl: momentum, no nesterov), "adam" or "adamw" (Dassl: L2 / decoupled decay)
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    #: "cosine" (stepped per epoch) or "constant"
+    #: Adam(W) epsilon (Dassl's 1e-8; TCP and HiCroPL patch it to 1e-3 for fp16)
+    adam_eps: float = 1e-8
+    #: Adam(W) betas (Dassl's ADAM_BETA1/ADAM_BETA2)
+    adam_betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    #: "cosine" (stepped per epoch), "constant", or "cosine_step" (stepped per optimiser step
+    #: over the run's total steps)
     lr_scheduler: str = "cosine"
+    #: the cosine's floor (eta_min of torch's CosineAnnealingLR), for both cosine schedules
+    min_lr: float = 0.0
     #: epochs at the constant ``warmup_lr`` before the schedule (Dassl's constant warmup)
     warmup_epoch: int = 1
     warmup_lr: float = 1e-5
@@ -62,14 +70,37 @@ class TrainConfig:
     shots_epochs: Optional[dict] = None
     #: epochs by dataset (e.g. {imagenet: 50}); takes precedence over ``shots_epochs``
     dataset_epochs: Optional[dict] = None
+    #: an iteration budget: train exactly this many optimiser steps (epochs continue over the
+    #: data as needed; the last one stops early); None: ``max_epoch`` epochs
+    max_steps: Optional[int] = None
+    #: ``max_steps`` by number of shots (e.g. CLIP-LoRA: 500 x shots); overrides max_steps
+    #: unless max_steps is set explicitly by a user file or an override
+    shots_steps: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.optimizer != "sgd":
-            raise ValueError(f"train.optimizer: only 'sgd' is supported, got {self.optimizer!r}")
-        if self.lr_scheduler not in ("cosine", "constant"):
-            raise ValueError(f"train.lr_scheduler must be cosine or constant, got {self.lr_scheduler!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"train.optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        if self.lr_scheduler not in ("cosine", "constant", "cosine_step"):
+            raise ValueError(f"train.lr_scheduler must be cosine, constant or cosine_step, got "
+                             f"{self.lr_scheduler!r}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
+        betas = self.adam_betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {betas!r}")
+        self.adam_betas = [float(b) for b in betas]
+        if self.min_lr < 0:
+            raise ValueError(f"train.min_lr must be >= 0, got {self.min_lr}")
+        if isinstance(self.max_steps, float) and self.max_steps.is_integer():
+            self.max_steps = int(self.max_steps)
+        if self.max_steps is not None and (isinstance(self.max_steps, bool)
+                                           or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"train.max_steps must be an integer >= 1 or null, got "
+                             f"{self.max_steps!r}")
         for name in ("max_epoch", "batch_size", "eval_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -217,7 +248,8 @@ def resolve_config(method: str, protocol: Optional[str] = None,
     """The resolved config {"method": {...}, "train": {...}} of a run.
 
     ``shots``/``dataset`` select ``max_epoch`` from ``train.shots_epochs`` / ``train.dataset_epochs``
-    when neither the user file nor an override sets ``max_epoch``. Both sections are validated by
+    when neither the user file nor an override sets ``max_epoch``, and ``max_steps`` from
+    ``train.shots_steps`` likewise (see ``_resolve_max_steps``). Both sections are validated by
     building the dataclasses (a bad value raises ``ValueError``).
     """
     from .methods import get_method, make_config
@@ -246,10 +278,25 @@ def resolve_config(method: str, protocol: Optional[str] = None,
             train["max_epoch"] = int(by_dataset[dataset])
         elif shots is not None and shots in by_shots:
             train["max_epoch"] = int(by_shots[shots])
+    _resolve_max_steps(train, explicit, shots)
     # validate types/values now, not in the middle of a run
     make_config(get_method(method), config["method"])
     TrainConfig(**train)
     return copy.deepcopy(config)
+
+
+def _resolve_max_steps(train: dict, explicit: set, shots: Optional[int]) -> None:
+    """``max_steps`` from ``shots_steps`` unless the user file or an override sets it. A user's
+    explicit ``max_epoch`` (and no explicit ``max_steps``) means an epoch count: it drops the
+    packaged step budget, as it beats every other packaged setting."""
+    if ("train", "max_steps") in explicit:
+        return
+    if ("train", "max_epoch") in explicit:
+        train["max_steps"] = None
+        return
+    by_shots = {int(k): v for k, v in (train.get("shots_steps") or {}).items()}
+    if shots is not None and shots in by_shots:
+        train["max_steps"] = int(by_shots[shots])
 
 
 def train_config(config: dict) -> TrainConfig:

@@ -17,6 +17,13 @@ EXPECTED = {
     "maple": ({}, 3_555_072),
     "promptsrc": ({}, 46_080),
     "ivlp": ({}, 30_720),
+    # ProGrad = CoOp's 16 x 512; TCP = 4 x 512 + (512*128 + 128) + (128*2048 + 2048)
+    "prograd": ({}, 8_192),
+    "tcp": ({}, 331_904),
+    # METHODS-SOTA.md §1, §8: MMA = 8 blocks x (33,312 text + 49,952 vision + 1,056 shared);
+    # CLIP-LoRA = 12 blocks x 3 (q, k, v) x r=2 x (768 + 768 vision, 512 + 512 text)
+    "mma": ({}, 674_560),
+    "clip_lora": ({}, 184_320),
 }
 BASELINES = ["cocoop", "kgcoop", "vpt", "maple", "promptsrc", "ivlp"]
 

@@ -47,4 +47,4 @@ def subprocess_env() -> dict:
 
     src = str(Path(vlprompt.__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

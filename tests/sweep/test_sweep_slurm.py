@@ -58,6 +58,7 @@ def test_sweep_is_one_job_array_with_the_resources(sweep_world, tmp_path, fake_s
     assert (options["qos"], options["constraint"]) == ("high", "a100")
     assert options["signal"].startswith("USR2@")  # preemption warning -> requeue
     assert "submitit.core._submit" in script
+    assert "export OMP_NUM_THREADS=8 MKL_NUM_THREADS=8" in script  # the job's thread pools
 
     # each array task holds the RunJob of one planned run, in plan order
     pickles = sorted((out / ".vlprompt-sweep" / "submitit").glob("4242_*/*_submitted.pkl"),

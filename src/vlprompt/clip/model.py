@@ -5,7 +5,8 @@ Parameter names follow the OpenAI / open_clip state-dict layout (``visual.conv1.
 ``transformer.resblocks.N.attn.in_proj_weight``, ``text_projection``, ...) so their checkpoints
 load without renaming. Every prompt-learning method customises these towers through the
 arguments of their forward functions — prompt embeddings, deep prompts per layer, per-sample
-prompts, per-layer hooks — never by copying an encoder (DESIGN.md, "The CLIP core").
+prompts, per-layer hooks before and after each block, attention-projection deltas (LoRA,
+``clip/lora.py``) — never by copying an encoder (DESIGN.md, "The CLIP core").
 
 Tensors are batch-first inside the towers: ``[B, T, D]``.
 """
@@ -13,7 +14,7 @@ Tensors are batch-first inside the towers: ``[B, T, D]``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Mapping, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,50 @@ from torch import Tensor, nn
 LayerHook = Callable[[int, Tensor], Tensor]
 #: deep prompts: {layer_index: [P, D] shared or [B, P, D] per sample}
 DeepPrompts = Mapping[int, Tensor]
+#: post(layer_index, block input, block output, block) -> output, called after block
+#: ``layer_index``: the seam for residual branches that run parallel to a block (adapters
+#: reading the block input through its own ``ln_1``, added to its output).
+PostHook = Callable[[int, Tensor, Tensor, nn.Module], Tensor]
+
+
+class AttentionDelta(Protocol):
+    """Changes how one block's attention projects its tokens (LoRA: ``clip/lora.py``).
+
+    Each method receives the frozen weight and bias and returns the projection's output; it must
+    not modify them (the frozen CLIP is shared and fingerprinted).
+    """
+
+    def in_proj(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The fused q/k/v projection: x [B, T, D] -> [B, T, 3D] (q, k, v in that order)."""
+        ...
+
+    def out_proj(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The output projection of the attended values: [B, T, D] -> [B, T, D]."""
+        ...
+
+
+#: {layer_index: AttentionDelta} for the blocks whose attention projections change
+AttentionDeltas = Mapping[int, AttentionDelta]
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: Tensor, scale: float) -> Tensor:
+    """Identity in the forward pass, gradient multiplied by ``scale`` in the backward pass.
+
+    Lets a method decouple a branch's output scale from its parameters' gradient scale (e.g.
+    ``grad_scale(f(grad_scale(x, s)) * s, 1 / s)``: x gets the exact gradient of ``s * f``, f's
+    parameters the gradient of ``f`` unscaled)."""
+    return _GradScale.apply(x, scale)
 
 
 @dataclass
@@ -77,14 +122,20 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, causal: bool = False,
+                delta: Optional[AttentionDelta] = None) -> Tensor:
         B, T, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D]
+        if delta is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D]
+        else:
+            qkv = delta.in_proj(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3D]
         qkv = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, T, d]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         out = out.transpose(1, 2).reshape(B, T, D)  # [B, T, D]
-        return self.out_proj(out)
+        if delta is None:
+            return self.out_proj(out)
+        return delta.out_proj(out, self.out_proj.weight, self.out_proj.bias)
 
 
 class MLP(nn.Module):
@@ -106,14 +157,16 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, activation)
 
-    def forward(self, x: Tensor, causal: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(self, x: Tensor, causal: bool = False,
+                attn_delta: Optional[AttentionDelta] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, delta=attn_delta)
         return x + self.mlp(self.ln_2(x))
 
 
 class Transformer(nn.Module):
     """A plain block loop. Before block ``i`` an optional hook may rewrite the tokens — this is the
-    single seam through which deep prompts of every method enter (STYLE.md pattern 2)."""
+    single seam through which deep prompts of every method enter (STYLE.md pattern 2); after it a
+    post hook may add a residual branch, and per-block attention deltas change its projections."""
 
     def __init__(self, width: int, layers: int, heads: int, activation: str):
         super().__init__()
@@ -123,11 +176,17 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x: Tensor, causal: bool = False, hook: Optional[LayerHook] = None,
-                hidden_states: Optional[list] = None) -> Tensor:
+                hidden_states: Optional[list] = None, post_hook: Optional[PostHook] = None,
+                attn_deltas: Optional[AttentionDeltas] = None) -> Tensor:
+        """Run the blocks. ``hook(i, x)`` before block i; ``post_hook(i, x_in, x_out, block)``
+        after it (its result is the block's output, also in ``hidden_states``);
+        ``attn_deltas[i]`` changes block i's attention projections."""
         for i, block in enumerate(self.resblocks):
             if hook is not None:
                 x = hook(i, x)
-            x = block(x, causal=causal)
+            delta = attn_deltas.get(i) if attn_deltas else None
+            out = block(x, causal=causal, attn_delta=delta)
+            x = out if post_hook is None else post_hook(i, x, out, block)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x
@@ -155,6 +214,22 @@ def chain_hooks(*hooks: Optional[LayerHook]) -> Optional[LayerHook]:
             x = h(i, x)
         return x
     return hook
+
+
+def chain_post_hooks(*hooks: Optional[PostHook]) -> Optional[PostHook]:
+    """Compose post hooks left to right (None entries are skipped): each sees the block input and
+    the output as rewritten by the hooks before it."""
+    active = [h for h in hooks if h is not None]
+    if not active:
+        return None
+    if len(active) == 1:
+        return active[0]
+
+    def post_hook(i: int, x_in: Tensor, x_out: Tensor, block: nn.Module) -> Tensor:
+        for h in active:
+            x_out = h(i, x_in, x_out, block)
+        return x_out
+    return post_hook
 
 
 class VisionTransformer(nn.Module):
@@ -191,7 +266,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: Tensor, prompts: Optional[Tensor] = None,
                 deep_prompts: Optional[DeepPrompts] = None, hook: Optional[LayerHook] = None,
-                return_tokens: bool = False, hidden_states: Optional[list] = None
+                return_tokens: bool = False, hidden_states: Optional[list] = None,
+                post_hook: Optional[PostHook] = None,
+                attn_deltas: Optional[AttentionDeltas] = None
                 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Encode images.
 
@@ -204,6 +281,8 @@ class VisionTransformer(nn.Module):
                 used by methods that generate prompts from the previous layer's tokens.
             return_tokens: also return the projected, ``ln_post``-normed output tokens [B, T, E].
             hidden_states: if a list is given, each block's output [B, T, D] is appended.
+            post_hook: ``post_hook(i, x_in, x_out, block)`` after block i (residual branches).
+            attn_deltas: {i: AttentionDelta} changing block i's attention projections (LoRA).
         Returns:
             image features [B, E] (unnormalised), and the tokens if ``return_tokens``.
         """
@@ -212,7 +291,8 @@ class VisionTransformer(nn.Module):
             x = torch.cat([x, _expand(prompts.to(x.dtype), x.shape[0])], dim=1)  # [B, 1+N+P, D]
         x = self.ln_pre(x)
         x = self.transformer(x, hook=chain_hooks(_deep_prompt_hook(deep_prompts), hook),
-                             hidden_states=hidden_states)
+                             hidden_states=hidden_states, post_hook=post_hook,
+                             attn_deltas=attn_deltas)
         cls = self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # [B, E]
         if return_tokens:
             return cls, self.ln_post(x) @ self.proj.to(x.dtype)
@@ -314,7 +394,8 @@ class CLIP(nn.Module):
                                deep_prompts: Optional[DeepPrompts] = None, prompt_start: int = 1,
                                hook: Optional[LayerHook] = None,
                                hidden_states: Optional[list] = None,
-                               truncate: bool = True) -> Tensor:
+                               truncate: bool = True, post_hook: Optional[PostHook] = None,
+                               attn_deltas: Optional[AttentionDeltas] = None) -> Tensor:
         """The text tower from prompt embeddings — the entry point of every text-prompt method.
 
         Args:
@@ -327,6 +408,10 @@ class CLIP(nn.Module):
                 (``T`` is the truncated length when ``truncate``).
             truncate: run on the shortest length covering every EOT. The mask is causal, so tokens
                 after the last EOT never influence it: exact, and 2-3x cheaper than 77 tokens.
+                (A ``post_hook`` or ``attn_deltas`` must keep that property: act per token or
+                causally, as adapters and LoRA do.)
+            post_hook: ``post_hook(i, x_in, x_out, block)`` after block i (residual branches).
+            attn_deltas: {i: AttentionDelta} changing block i's attention projections (LoRA).
         Returns:
             sentence features [N, E], unnormalised.
         """
@@ -339,7 +424,8 @@ class CLIP(nn.Module):
         x = embeddings.to(self.dtype) + self.positional_embedding[: embeddings.shape[1]].to(self.dtype)
         x = self.transformer(x, causal=True,
                              hook=chain_hooks(_deep_prompt_hook(deep_prompts, prompt_start), hook),
-                             hidden_states=hidden_states)
+                             hidden_states=hidden_states, post_hook=post_hook,
+                             attn_deltas=attn_deltas)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_indices]  # [N, D]
         return x @ self.text_projection.to(x.dtype)

@@ -9,6 +9,7 @@ and the demo call; both hold the folder's writer lock while they write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -97,10 +98,14 @@ def _json_normal(data):
 
 def _compare_config(stored: dict, current: dict) -> list[str]:
     diffs = []
+    # a train field added since the run was made, at its default, is the setting the run had
+    defaults = _json_normal(dataclasses.asdict(TrainConfig()))
     for section in ("run", "method", "train"):
         a, b = _json_normal(stored.get(section) or {}), _json_normal(current.get(section) or {})
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RUNTIME_ONLY:
+                continue
+            if section == "train" and key not in a and key in defaults and b[key] == defaults[key]:
                 continue
             if section == "run" and key in ("backbone", "dataset_spec"):
                 continue  # the backbone is compared by fingerprint when the checkpoint loads

@@ -1,8 +1,11 @@
 """The one training loop (DESIGN.md, "Engine"): a plain PyTorch loop over any ``Method``.
 
-SGD + cosine with constant warmup, autocast bf16/fp16 on GPU and fp32 on CPU, gradient
-accumulation (a batch split into chunks: same gradient, less memory), deterministic seeding,
-a progress bar, a checkpoint after every epoch (and within long epochs) and exact resume.
+SGD (or Adam/AdamW) + cosine with constant warmup (per epoch, or per step), autocast bf16/fp16 on
+GPU and fp32 on CPU, gradient accumulation (a batch split into chunks: same gradient, less
+memory), deterministic seeding, a progress bar, a checkpoint after every epoch (and within long
+epochs) and exact resume; an epoch count or an iteration budget (``max_steps``). A method may
+combine its loss terms' gradients itself (gradient surgery, ``Method.combines_gradients``): the
+engine still accumulates, all-reduces and unscales them (``_combined_step``).
 
 Determinism across interruptions: the data order of epoch ``e`` depends on ``(seed, e)`` alone,
 each item's augmentation on its position in the epoch (not on the number of workers or
@@ -30,7 +33,7 @@ from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import distributed as D
 from .evaluate import autocast, autocast_dtype
-from .optim import build_optimizer, set_epoch_lr
+from .optim import build_optimizer, set_epoch_lr, set_step_lr
 from .rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -184,6 +187,8 @@ def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: st
 def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor,
           where: str) -> tuple[float, dict]:
     """One optimiser step over a batch (split into ``grad_accum`` chunks); (loss, parts)."""
+    if loop.method.combines_gradients:
+        return _combined_step(loop, images, labels, where)
     config, method = loop.config, loop.method
     batch_loss, batch_parts = 0.0, {}
     for x, y in zip(images.chunk(config.grad_accum), labels.chunk(config.grad_accum)):
@@ -191,28 +196,104 @@ def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor,
         with autocast(config.precision, loop.device):
             loss, parts = method.loss(x, y)
         value = float(loss.detach())
-        bad = not math.isfinite(value)
-        if D.is_distributed():
-            bad = D.all_reduce_sum([float(bad)], loop.device)[0] > 0
-        if bad:
-            hint = ("the run uses reduced precision; try train.precision=fp32 (or bf16)"
-                    if loop.amp_dtype is not None else "try a lower train.lr")
-            raise NonFiniteLossError(f"non-finite loss at {where}: loss={value}, parts={parts}. "
-                                     f"{hint}. The last good checkpoint is kept"
-                                     + (f" in {loop.run.path}" if loop.run else ""))
+        _check_finite(loop, value, parts, where)
         scaled = loss * weight
         (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
         batch_loss += value * weight
         for k, v in parts.items():
             batch_parts[k] = batch_parts.get(k, 0.0) + float(v) * weight
     D.all_reduce_gradients(loop.params)
+    _apply_step(loop)
+    return batch_loss, batch_parts
+
+
+def _check_finite(loop: _Loop, value: float, parts: dict, where: str) -> None:
+    """Stop every process together on a NaN/inf loss."""
+    bad = not math.isfinite(value)
+    if D.is_distributed():
+        bad = D.all_reduce_sum([float(bad)], loop.device)[0] > 0
+    if bad:
+        hint = ("the run uses reduced precision; try train.precision=fp32 (or bf16)"
+                if loop.amp_dtype is not None else "try a lower train.lr")
+        raise NonFiniteLossError(f"non-finite loss at {where}: loss={value}, parts={parts}. "
+                                 f"{hint}. The last good checkpoint is kept"
+                                 + (f" in {loop.run.path}" if loop.run else ""))
+
+
+def _apply_step(loop: _Loop) -> None:
+    """The optimiser step on the gradients in ``.grad`` (through the AMP scaler, if any)."""
     if loop.scaler is not None:
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
     else:
         loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
+
+
+def _combined_step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor,
+                   where: str) -> tuple[float, dict]:
+    """``_step`` for a method that combines its loss terms' gradients (gradient surgery).
+
+    Each term's gradient is accumulated separately over the ``grad_accum`` chunks (chunk
+    weights as in ``_step``), averaged over processes and divided by the AMP loss scale, and
+    ``Method.combine_gradients`` runs once, on the gradients of the whole optimiser batch: a
+    nonlinear combination (ProGrad's projection) then gives the same step whatever the chunking
+    and the number of processes, which combining per chunk or per process would not. The
+    combined gradient goes back through the scaler (re-multiplied by its scale, a power of two,
+    so exactly), which skips the step and lowers its scale if any term overflowed.
+    """
+    config, method, params = loop.config, loop.method, loop.params
+    sums: dict[str, list[torch.Tensor]] = {}
+    batch_loss, batch_parts = 0.0, {}
+    for x, y in zip(images.chunk(config.grad_accum), labels.chunk(config.grad_accum)):
+        weight = x.shape[0] / images.shape[0]
+        with autocast(config.precision, loop.device):
+            terms, parts = method.loss_terms(x, y)
+        values = [float(t.detach()) for t in terms.values()]
+        _check_finite(loop, sum(values), parts, where)
+        for i, (name, term) in enumerate(terms.items()):
+            acc = sums.setdefault(name, [torch.zeros_like(p) for p in params])
+            if not term.requires_grad:
+                continue
+            scaled = term * weight
+            scaled = loop.scaler.scale(scaled) if loop.scaler is not None else scaled
+            grads = torch.autograd.grad(scaled, params, retain_graph=i < len(terms) - 1,
+                                        allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.add_(g)
+        batch_loss += values[0] * weight
+        for k, v in parts.items():
+            batch_parts[k] = batch_parts.get(k, 0.0) + float(v) * weight
+    grads = _all_reduce_terms(params, sums)
+    scale = loop.scaler.get_scale() if loop.scaler is not None else 1.0
+    if loop.scaler is not None:
+        grads = {k: [g * (1.0 / scale) for g in gs] for k, gs in grads.items()}
+        if not all(bool(torch.isfinite(g).all()) for gs in grads.values() for g in gs):
+            grads = None  # an overflow: the scaler skips the step and backs off
+    combined = (method.combine_gradients(grads) if grads is not None
+                else [torch.full_like(p, float("inf")) for p in params])
+    for p, g in zip(params, combined):
+        p.grad = g * scale if loop.scaler is not None else g
+    _apply_step(loop)
     return batch_loss, batch_parts
+
+
+def _all_reduce_terms(params: list, grads: dict[str, list[torch.Tensor]]
+                      ) -> dict[str, list[torch.Tensor]]:
+    """Average each term's gradients over processes with the engine's gradient all-reduce
+    (``D.all_reduce_gradients`` on ``.grad``, one term at a time)."""
+    if not D.is_distributed():
+        return grads
+    out = {}
+    for name, term in grads.items():
+        for p, g in zip(params, term):
+            p.grad = g
+        D.all_reduce_gradients(params)
+        out[name] = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return out
 
 
 def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: dict) -> None:
@@ -226,6 +307,8 @@ def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: d
     per_rank_batch = timing["per_rank_batch"]
     sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
     steps_per_epoch = timing["steps_per_epoch"]
+    # the steps this epoch runs: all of them, except in the last epoch of a ``max_steps`` budget
+    epoch_steps = min(steps_per_epoch, timing["total_steps"] - epoch * steps_per_epoch)
     sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
     # drop_last is decided on the whole epoch, so a resumed epoch keeps the same batches
     loader = DataLoader(SeededItems(dataset), batch_size=per_rank_batch, sampler=sampler,
@@ -233,12 +316,16 @@ def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: d
                         pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(seed + D.rank()),
                         persistent_workers=False)
+    per_step_lr = config.lr_scheduler == "cosine_step"
     lrs = set_epoch_lr(loop.optimizer, epoch, config)
     loop.method.train()
     epoch_start = time.time()
     last_save = time.time()
     for images, labels in loader:
         step = progress.step
+        if per_step_lr:
+            lrs = set_step_lr(loop.optimizer, epoch * steps_per_epoch + step, config,
+                              steps_per_epoch, timing["total_steps"])
         batch_loss, parts = _step(loop, images.to(device, non_blocking=True),
                                   torch.as_tensor(labels).to(device, non_blocking=True),
                                   f"epoch {epoch + 1}, step {step + 1}")
@@ -250,7 +337,9 @@ def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: d
         progress.step += 1
         timing["steps_done"] += 1
         _report_step(loop, progress, bar, timing, batch_loss, parts, lrs[0])
-        if progress.step < steps_per_epoch and _due(config, progress.step, last_save):
+        if progress.step >= epoch_steps:
+            break  # before the loader reads past the step budget
+        if _due(config, progress.step, last_save):
             progress.elapsed += time.time() - epoch_start
             epoch_start = last_save = time.time()
             loop.save(progress)
@@ -291,6 +380,10 @@ def _report_step(loop: _Loop, progress: Progress, bar, timing: dict, batch_loss:
                     progress.epoch + 1, config.max_epoch, progress.step, steps_per_epoch,
                     batch_loss, progress.sums["loss"] / progress.sums["n"], extra, lr,
                     _fmt_eta(eta))
+        if loop.run is not None:  # read by sweep status tables
+            loop.run.write_progress({"epoch": progress.epoch, "max_epoch": config.max_epoch,
+                                     "step": progress.step, "steps_per_epoch": steps_per_epoch,
+                                     "eta_s": round(eta, 1), "loss": batch_loss})
 
 
 def _progress_bar(total: int, show_progress: Optional[bool]):
@@ -300,6 +393,23 @@ def _progress_bar(total: int, show_progress: Optional[bool]):
     disable = True if (not D.is_main() or show_progress is False) else (
         None if show_progress is None else False)
     return tqdm(total=total, disable=disable, leave=False, dynamic_ncols=True, unit="step")
+
+
+def _batch_layout(config: TrainConfig, num_items: int, world: int) -> dict:
+    """Per-rank batch size, ``drop_last`` and steps per epoch of a training set."""
+    per_rank_batch = config.batch_size // world
+    items = -(-num_items // world)  # per rank, padded as EpochSampler pads
+    drop_last = items >= per_rank_batch  # keeps 1- and 2-shot epochs non-empty
+    return {"per_rank_batch": per_rank_batch, "drop_last": drop_last,
+            "steps_per_epoch": items // per_rank_batch if drop_last else 1}
+
+
+def _with_step_budget(config: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """With ``max_steps``, the run's epochs are those its steps reach (the last one stops early):
+    ``max_epoch`` becomes their number, for the loop, the per-epoch schedule and checkpoints."""
+    if config.max_steps is None:
+        return config
+    return dataclasses.replace(config, max_epoch=-(-config.max_steps // steps_per_epoch))
 
 
 def train_method(method, dataset: Dataset, config: TrainConfig,
@@ -329,6 +439,8 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
                          f"processes ({world}) times train.grad_accum ({config.grad_accum})")
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
+    layout = _batch_layout(config, len(dataset), world)
+    config = _with_step_budget(config, layout["steps_per_epoch"])
 
     optimizer = build_optimizer(method, config)
     amp_dtype = autocast_dtype(config.precision, device)
@@ -345,13 +457,10 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
                         config.max_epoch, f", step {progress.step}" if progress.step else "")
     D.broadcast_parameters(loop.params)
 
-    per_rank_batch = config.batch_size // world
-    items = -(-len(dataset) // world)  # per rank, padded as EpochSampler pads
-    drop_last = items >= per_rank_batch  # keeps 1- and 2-shot epochs non-empty
-    steps_per_epoch = items // per_rank_batch if drop_last else 1
-    remaining = steps_per_epoch * (config.max_epoch - progress.epoch) - progress.step
-    timing = {"per_rank_batch": per_rank_batch, "drop_last": drop_last,
-              "steps_per_epoch": steps_per_epoch, "remaining": remaining, "steps_done": 0,
+    steps_per_epoch = layout["steps_per_epoch"]
+    total_steps = config.max_steps or steps_per_epoch * config.max_epoch
+    remaining = total_steps - (steps_per_epoch * progress.epoch + progress.step)
+    timing = {**layout, "total_steps": total_steps, "remaining": remaining, "steps_done": 0,
               "start": time.time(), "num_workers": resolve_num_workers(config.num_workers)}
     bar = _progress_bar(remaining, show_progress)
     redirect = contextlib.nullcontext()

@@ -37,6 +37,10 @@ class Method(nn.Module):
     #: which table of per-dataset templates the paper used ("coop", or "kgcoop" whose DTD
     #: template differs); see ``vlprompt.clip.templates.dataset_template``
     template_variant: ClassVar[str] = "coop"
+    #: True when the method combines the gradients of several loss terms itself (gradient
+    #: surgery, e.g. ProGrad): the engine then calls ``loss_terms`` and ``combine_gradients``
+    #: instead of back-propagating ``loss``. A subclass may make it a property (a config switch).
+    combines_gradients: ClassVar[bool] = False
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any = None,
                  template: Optional[str] = None):
@@ -61,6 +65,23 @@ class Method(nn.Module):
         """Total training loss and its named parts (for logging). Default: cross-entropy."""
         ce = F.cross_entropy(self(images), labels)
         return ce, {"ce": float(ce.detach())}
+
+    def loss_terms(self, images: Tensor, labels: Tensor
+                   ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """``combines_gradients`` methods: the loss terms whose gradients ``combine_gradients``
+        combines, in order (the first is the objective, logged as the loss), and named parts."""
+        raise NotImplementedError(f"{self.name}: loss_terms is only for combines_gradients")
+
+    def combine_gradients(self, grads: dict[str, list[Tensor]]) -> list[Tensor]:
+        """``combines_gradients`` methods: the gradient to step on, one tensor per trainable
+        parameter (``named_trainable_parameters`` order), from each term's gradient.
+
+        ``grads[term]`` is that term's gradient over the whole optimiser batch, as if it were one
+        chunk on one process: summed over the ``grad_accum`` chunks, averaged over processes and
+        divided by AMP's loss scale by the engine (so a nonlinear combination sees the same
+        numbers whatever the chunking, process count or precision)."""
+        raise NotImplementedError(f"{self.name}: combine_gradients is only for "
+                                  "combines_gradients")
 
     # ------------------------------------------------------------------ engine hooks
     def train(self, mode: bool = True) -> "Method":

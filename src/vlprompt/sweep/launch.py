@@ -268,6 +268,16 @@ def _threads_per_job(options: LaunchOptions, parallel: int) -> int:
     return options.cpus_per_job or max(1, physical_cores() // parallel)
 
 
+def _thread_env(threads: Optional[int]) -> list[str]:
+    """Shell lines run before a job: its OpenMP/MKL pools sized at process start (torch's
+    ``set_num_threads`` alone leaves the libraries' start-up choice, and their kernels, to the
+    environment), so parallel jobs neither oversubscribe the cores nor differ from an inline
+    run with the same threads."""
+    if not threads:
+        return []
+    return [f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"]
+
+
 def _launch_local(sweep: Sweep, todo: Sequence[SweepJob], options: LaunchOptions) -> None:
     submitit = require_submitit()
     slots = _local_slots(options, sweep.device)
@@ -287,7 +297,8 @@ def _launch_local(sweep: Sweep, todo: Sequence[SweepJob], options: LaunchOptions
                     executor.update_parameters(
                         timeout_min=parse_time(options.time) or LOCAL_TIMEOUT_MIN,
                         gpus_per_node=len(gpus), visible_gpus=gpus,
-                        tasks_per_node=options.tasks_per_node or 1)
+                        tasks_per_node=options.tasks_per_node or 1,
+                        setup=_thread_env(threads))
                     running[slot] = (job, executor.submit(RunJob(sweep, job, threads)))
                     job_ids[str(job.run_dir)] = running[slot][1].job_id
                     write_manifest(sweep, "local", job_ids)
@@ -332,6 +343,8 @@ def _launch_slurm(sweep: Sweep, todo: Sequence[SweepJob], options: LaunchOptions
                                      cluster="slurm")
     params = slurm_parameters(options, options.max_parallel)
     executor.update_parameters(name=f"vlprompt-{sweep.name}", **params)
+    if options.cpus_per_job:
+        executor.update_parameters(slurm_setup=_thread_env(options.cpus_per_job))
     threads = options.cpus_per_job
     with executor.batch():
         submitted = [executor.submit(RunJob(sweep, job, threads)) for job in todo]
