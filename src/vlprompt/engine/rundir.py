@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import Callable, Iterator, Optional, Union
 import yaml
 
 from ..fileio import (atomic_write_json, atomic_write_text, fsync_dir, fsync_file,
-                      make_temp_file, remove_stale_temporaries)
+                      make_temp_file, remove_stale_temporaries, sha256_file)
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +79,6 @@ class RunLockedError(RuntimeError):
 #: called after every file operation of a checkpoint commit with its description; tests replace
 #: it to simulate a kill at each point of the commit
 after_file_op: Callable[[str], None] = lambda what: None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- typed results
@@ -205,7 +196,7 @@ class Generation:
         if not self.tensors.is_file():
             return f"{self.tensors} is missing"
         expected = (header.get("files") or {}).get(TENSORS_FILE)
-        if expected and _sha256(self.tensors) != expected.get("sha256"):
+        if expected and sha256_file(self.tensors) != expected.get("sha256"):
             return f"{self.tensors} does not match its header (corrupt)"
         return None
 
@@ -214,7 +205,7 @@ class Generation:
         if not self.state_path.is_file():
             return f"{self.state_path} is missing"
         expected = (self.header().get("files") or {}).get(STATE_FILE)
-        if expected and _sha256(self.state_path) != expected.get("sha256"):
+        if expected and sha256_file(self.state_path) != expected.get("sha256"):
             return f"{self.state_path} does not match its header (corrupt)"
         return None
 
@@ -489,11 +480,11 @@ class RunDir:
         files = {}
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"epoch": str(header.get("epoch", 0))})
         after_file_op("write tensors")
-        files[TENSORS_FILE] = {"sha256": _sha256(tmp / TENSORS_FILE)}
+        files[TENSORS_FILE] = {"sha256": sha256_file(tmp / TENSORS_FILE)}
         if training_state is not None:
             torch.save(training_state, str(tmp / STATE_FILE))
             after_file_op("write training state")
-            files[STATE_FILE] = {"sha256": _sha256(tmp / STATE_FILE)}
+            files[STATE_FILE] = {"sha256": sha256_file(tmp / STATE_FILE)}
         header = {**header, "generation": index, "files": files}
         (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n")
         after_file_op("write header")

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..fileio import sha256_file
 from .dassl_config import read_official_config
 from .official import OfficialCheckpoint, find_official_run, layout_of, load_official
 
@@ -123,20 +124,10 @@ def _train_config(flat: dict) -> dict:
     return train
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _provenance(oc: OfficialCheckpoint) -> dict:
     """What an imported run came from, and what the import inferred and dropped."""
     return {"repo": oc.layout.repo, "source": oc.layout.source, "trainer": oc.layout.trainer,
-            "files": {m: {"path": str(p.resolve()), "sha256": _sha256(p)}
+            "files": {m: {"path": str(p.resolve()), "sha256": sha256_file(p)}
                       for m, p in oc.run.files.items()},
             "epoch": oc.epoch, "config_files": [str(p) for p in oc.config_sources],
             "inferred": list(oc.notes), "dropped": list(oc.mapped.dropped),

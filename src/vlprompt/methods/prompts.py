@@ -47,11 +47,16 @@ class TextPrompts(nn.Module):
     def num_classes(self) -> int:
         return self.tokens.shape[0]
 
+    def prompt_text(self, name: str) -> str:
+        """One class's prompt text; the context positions are replaced by the learned vectors
+        (subclasses change the words around them)."""
+        prefix = self.ctx_init or " ".join(["X"] * self.n_ctx)
+        return f"{prefix} {name}."
+
     def set_classnames(self, classnames: Sequence[str]) -> None:
         clip = self.clip[0]
         names = [c.replace("_", " ") for c in classnames]
-        prefix = self.ctx_init or " ".join(["X"] * self.n_ctx)
-        tokens = tokenize([f"{prefix} {name}." for name in names], clip.context_length)
+        tokens = tokenize([self.prompt_text(name) for name in names], clip.context_length)
         device = clip.logit_scale.device
         with torch.no_grad():
             embeddings = clip.embed_tokens(tokens.to(device))  # [C, L, D]

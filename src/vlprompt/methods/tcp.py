@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP, LayerHook, QuickGELU
-from ..clip.tokenizer import encode, tokenize
 from .coop import CoOp
 from .prompts import TextPrompts, hand_crafted_text_features
 from .registry import register_method
@@ -101,18 +100,8 @@ class SuffixPrompts(TextPrompts):
         self.suffix = suffix  # read by set_classnames, which the base __init__ calls
         super().__init__(clip, classnames, n_ctx, ctx_init=ctx_init)
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        clip = self.clip[0]
-        names = [c.replace("_", " ") for c in classnames]
-        prefix = " ".join(["X"] * self.n_ctx)
-        tokens = tokenize([f"{prefix} {self.suffix.format(n)}" for n in names],
-                          clip.context_length)
-        device = clip.logit_scale.device
-        with torch.no_grad():
-            embeddings = clip.embed_tokens(tokens.to(device))  # [C, L, D]
-        self.register_buffer("tokens", tokens.to(device), persistent=False)
-        self.register_buffer("embeddings", embeddings, persistent=False)
-        self.name_lens = [len(encode(n)) for n in names]
+    def prompt_text(self, name: str) -> str:
+        return f"{' '.join(['X'] * self.n_ctx)} {self.suffix.format(name)}"
 
 
 def default_suffix(template: str) -> str:
