@@ -14,7 +14,18 @@ from vlprompt.methods import get_method, list_methods
 
 @pytest.fixture(scope="module")
 def setup(eurosat_world):
-    return eurosat_world
+    """The data, plus LLM class descriptions in the official format for the methods that read
+    them (CoPrompt): written here, given through $VLPROMPT_DESCRIPTIONS."""
+    from vlprompt.data.base import packaged_classnames
+    from vlprompt.data.descriptions import ENV_VAR, write_descriptions
+
+    tmp, _ = eurosat_world
+    write_descriptions(tmp / "descriptions", "eurosat",
+                       {n: [f"a satellite photo of {n}.", f"{n} seen from above."]
+                        for n in packaged_classnames("eurosat")})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_VAR, str(tmp / "descriptions"))
+        yield eurosat_world
 
 
 @pytest.mark.parametrize("method", list_methods())

@@ -76,6 +76,10 @@ class TrainConfig:
     #: ``max_steps`` by number of shots (e.g. CLIP-LoRA: 500 x shots); overrides max_steps
     #: unless max_steps is set explicitly by a user file or an override
     shots_steps: Optional[dict] = None
+    #: model selection: "last" (test the last epoch's tensors) or "best_val" (evaluate on the val
+    #: split after every epoch and test the best epoch's, later epoch on ties: Dassl's
+    #: ``TEST.FINAL_MODEL best_val``, which HiCroPL's bundled Dassl makes its default)
+    select: str = "last"
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -85,6 +89,8 @@ class TrainConfig:
         if self.lr_scheduler not in ("cosine", "constant", "cosine_step"):
             raise ValueError(f"train.lr_scheduler must be cosine, constant or cosine_step, got "
                              f"{self.lr_scheduler!r}")
+        if self.select not in ("last", "best_val"):
+            raise ValueError(f"train.select must be last or best_val, got {self.select!r}")
         if not self.adam_eps > 0:
             raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
         betas = self.adam_betas

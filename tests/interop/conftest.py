@@ -1,5 +1,6 @@
 """Fixtures: a tiny CLIP with 3 blocks per tower and different tower widths (so stacked deep
-prompts have several rows and a width mix-up fails), saved to a file, and a synthetic EuroSAT."""
+prompts have several rows and a width mix-up fails), saved to a file, a synthetic EuroSAT, and
+LLM descriptions of its classes (HiCroPL's forward needs them) found through the environment."""
 
 import types
 
@@ -9,6 +10,7 @@ import torch
 from vlprompt.clip.load import load_clip, save_clip
 from vlprompt.clip.model import CLIPConfig, build_clip
 from vlprompt.data import load_split
+from vlprompt.data.descriptions import ENV_VAR, write_descriptions
 from vlprompt.data.synthetic import write_dataset
 
 torch.set_num_threads(1)
@@ -27,9 +29,18 @@ def world(tmp_path_factory):
     clip = load_clip(clip_path)
     split = load_split("eurosat", data)
     images = sorted(str(p) for p in data.rglob("*.jpg"))[:3]
+    descriptions = root / "gpt_file"
+    write_descriptions(descriptions, "eurosat", {c: [f"a satellite photo of {c}.",
+                                                     f"{c} seen from above."]
+                                                 for c in split.classnames})
     return types.SimpleNamespace(root=root, clip_path=str(clip_path), data=str(data), clip=clip,
                                  classnames=list(split.classnames), template=split.template,
-                                 images=images)
+                                 images=images, descriptions=str(descriptions))
+
+
+@pytest.fixture(autouse=True)
+def _descriptions(world, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, world.descriptions)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,14 @@ Independent of ``vlprompt.interop``: the key names and nesting below were writte
 each official trainer (KaiyangZhou/CoOp trainers/coop.py, cocoop.py; htyao89/KgCoOp
 KgCoOp/trainers/kgcoop.py; muzairkhattak/multimodal-prompt-learning trainers/maple.py,
 independentVL.py, vpt.py and clip/model.py; muzairkhattak/PromptSRC trainers/promptsrc.py;
-hulianyuyy/COMMA trainers/comma.py; fanrena/DPT trainers/DPT.py) and Dassl's
-``TrainerBase.save_model`` / ``save_checkpoint``. Tensors are random (fp16-representable, so
-half-precision entries hold exactly the method's values).
+hulianyuyy/COMMA trainers/comma.py; fanrena/DPT trainers/DPT.py;
+ShuvenduRoy/CoPrompt trainers/coprompt.py and clip/model.py; zzeoZheng/HiCroPL
+trainers/hicropl.py and clip/model.py;
+ZjjConan/Multi-Modal-Adapter trainers/mmadapter.py and clip/model.py; htyao89/
+Textual-based_Class-aware_prompt_tuning trainers/tcp.py; BeierZhu/Prompt-align
+ProGrad.public/trainers/prograd.py and Dassl.ProGrad.pytorch's ``save_model``, which writes no
+``val_result``) and Dassl's ``TrainerBase.save_model`` / ``save_checkpoint``. Tensors are random
+(fp16-representable, so half-precision entries hold exactly the method's values).
 """
 
 from __future__ import annotations
@@ -21,8 +26,20 @@ from torch.optim.lr_scheduler import LRScheduler
 from vlprompt.clip.tokenizer import tokenize
 from vlprompt.methods import build_method
 
-METHODS = ["coop", "cocoop", "kgcoop", "maple", "ivlp", "vpt", "promptsrc", "comma", "dpt"]
+METHODS = ["coop", "cocoop", "kgcoop", "maple", "ivlp", "vpt", "promptsrc", "comma", "dpt",
+           "mma", "tcp", "prograd", "coprompt", "hicropl"]
 EXTRACTOR = "image_encoder.transformer.extractor"
+#: methods whose official files hold no token_prefix/token_suffix (MMA keeps whole-prompt
+#: buffers, token_embedding and tokenized_prompts, which its load_model deletes)
+NO_TOKENS = ("vpt", "mma")
+#: method settings for the 3-block test CLIP (MMA's blocks 4..11 would be capped to one)
+FIELDS = {"mma": {"adapter_start": 0, "adapter_end": 2},
+          "hicropl": {"n_ctx": 2, "depth": 3, "cross_layer": 1}}
+#: how each official trainer's run saves: optimiser, warmup (Dassl wraps the cosine in a
+#: constant warmup when WARMUP_EPOCH > 0), and whether its Dassl writes ``val_result``
+SAVES = {"mma": {"optim": "sgd", "warmup": False},  # vit_b16_ep5.yaml: WARMUP_EPOCH 0
+         "tcp": {"optim": "adam"},  # Adam, eps 1e-3 (its README's Dassl patch)
+         "prograd": {"val_result": False}}  # Dassl.ProGrad.pytorch save_model
 
 
 class ConstantWarmupScheduler(LRScheduler):
@@ -39,8 +56,11 @@ class ConstantWarmupScheduler(LRScheduler):
 
 
 def random_method(name: str, clip, classnames, seed: int = 0, **fields):
-    """``name`` on ``clip`` with every learned tensor random (and fp16-representable)."""
-    method = build_method(name, clip, classnames, **fields)
+    """``name`` on ``clip`` with every learned tensor random (and fp16-representable), for the
+    classes of the synthetic EuroSAT (its LLM descriptions)."""
+    method = build_method(name, clip, classnames, **{**FIELDS.get(name, {}), **fields})
+    if hasattr(method, "set_dataset"):
+        method.set_dataset("eurosat")
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in method.trainable_state_dict().items():
@@ -60,9 +80,11 @@ def random_method(name: str, clip, classnames, seed: int = 0, **fields):
     return method.eval()
 
 
-def _tokens(clip, classnames, prefix_words: str, n_ctx: int) -> dict:
-    """``token_prefix``/``token_suffix`` as every CoOp-family PromptLearner registers them."""
-    tokens = tokenize([f"{prefix_words} {c.replace('_', ' ')}." for c in classnames])
+def _tokens(clip, classnames, prefix_words: str, n_ctx: int, after: str = "{}.") -> dict:
+    """``token_prefix``/``token_suffix`` as every CoOp-family PromptLearner registers them
+    (``after``: the words after the context, "{}." = class name and period)."""
+    tokens = tokenize([f"{prefix_words} {after.format(c.replace('_', ' '))}"
+                       for c in classnames])
     with torch.no_grad():
         emb = clip.token_embedding(tokens).half()  # [C, 77, D], CLIP's fp16
     return {"token_prefix": emb[:, :1], "token_suffix": emb[:, 1 + n_ctx:]}
@@ -147,7 +169,84 @@ def official_states(name: str, method, clip) -> dict[str, OrderedDict]:
         return {"MultiModalPromptLearner": _comma(method, s, clip)}
     if name == "dpt":
         return _dpt(method, s, clip)
+    if name == "mma":
+        return {"adapter_learner": _mma(method, s, clip)}
+    if name == "hicropl":
+        return {"VLPromptLearner": _hicropl(method, s, clip)}
+    if name == "coprompt":  # the whole CustomCLIP: MaPLe's learner, adapters, teacher CLIP
+        sd = official_states("maple", method, clip)["MultiModalPromptLearner"]
+        for ours, theirs in (("image_adapter", "adapter_image"), ("text_adapter", "adapter_text")):
+            for k in ("fc.0.weight", "fc.2.weight"):  # Linear(512, 128), Linear(128, 512)
+                sd[f"{theirs}.{k}"] = s[f"{ours}.{k}"].half()
+        sd.update({f"model_distill.{k}": v.clone() if k == "logit_scale" else v.half()
+                   for k, v in clip.state_dict().items()})
+        return {"MultiModalPromptLearner": sd}
+    if name == "tcp":  # PREC fp16: ctx and meta-net in half precision
+        n = s["ctx"].shape[0]
+        sd = OrderedDict(ctx=s["ctx"].half())
+        for official, ours in (("linear1", "0"), ("linear2", "2")):
+            for k in ("weight", "bias"):
+                sd[f"meta_net.{official}.{k}"] = s[f"meta_net.{ours}.{k}"].half()
+        # CUSTOM_TEMPLATES: "X X X X" then the dataset's words after the context
+        sd.update(_tokens(clip, names, " ".join(["X"] * n), n, method.suffix))
+        return {"prompt_learner": sd}
+    if name == "prograd":
+        n = s["ctx"].shape[0]
+        # CTX_INIT True: the template without " {}." fills the last w of n slots, "X" before
+        words = method.prograd_template.replace(" {}.", "")
+        prefix = " ".join(["X"] * (n - len(words.split(" ")))) + " " + words
+        sd = OrderedDict(ctx=s["ctx"].half())
+        sd.update(_tokens(clip, names, prefix, n))
+        return {"prompt_learner": sd}
     raise KeyError(name)
+
+
+def _hicropl(method, s: dict, clip) -> OrderedDict:
+    """The whole CustomCLIP (PREC fp16): ``ctx`` is also ``cross_prompts_text.0`` (one
+    Parameter in two places), per-layer ParameterLists, mappers, LKP nets, [1, D] proxy queries,
+    the zero-shot image tower and the frozen CLIP."""
+    pl = "prompt_learner."
+    text = [s["text.ctx"]] + list(s["text.deep.prompts"])
+    vision = [s["vision.shallow"]] + list(s["vision.deep.prompts"])
+    sd = OrderedDict({pl + "ctx": text[0].half()})
+    sd.update({f"{pl}cross_prompts_text.{i}": t.half() for i, t in enumerate(text)})
+    sd.update({f"{pl}cross_prompts_visual.{i}": v.half() for i, v in enumerate(vision)})
+    for ours, theirs in (("text_to_vision.", "text2visual_net."),
+                         ("vision_to_text.", "visual2text_net."),
+                         ("text_proxy_nets.", "attn_pooling_text_nets."),
+                         ("vision_proxy_nets.", "attn_pooling_visual_nets.")):
+        sd.update({pl + theirs + k[len(ours):]: v.half() for k, v in s.items()
+                   if k.startswith(ours)})
+    sd.update({f"{pl}text_proxy_token.{i}": q[None].half()
+               for i, q in enumerate(s["text_proxies"])})
+    sd.update({f"{pl}visual_proxy_token.{i}": q[None].half()
+               for i, q in enumerate(s["vision_proxies"])})
+    sd.update({f"{pl}ZS_image_encoder.{k[7:]}": v.half()
+               for k, v in clip.state_dict().items() if k.startswith("visual.")})
+    n = text[0].shape[0]  # CTX_INIT only for up to 4 tokens, else "X X ... X"
+    words = method.config.ctx_init if method.config.ctx_init and n <= 4 else " ".join(["X"] * n)
+    sd.update({pl + k: v for k, v in _tokens(clip, method.classnames, words, n).items()})
+    sd.update(_custom_clip(clip))
+    return sd
+
+
+def _mma(method, s: dict, clip) -> OrderedDict:
+    """``AdapterLearner``: the prompt buffers, then ModuleLists whose slot i adapts block i-1
+    (slot 0, the embedding adapter, is None when ADAPTER_START > 0); amp keeps them fp32."""
+    names = [c.replace("_", " ") for c in method.classnames]
+    tokens = tokenize(["a photo of a " + c + "." for c in names])  # TEXT_CTX_INIT + name + "."
+    with torch.no_grad():
+        emb = clip.token_embedding(tokens).float()  # [C, 77, D]
+    sd = OrderedDict(token_embedding=emb, tokenized_prompts=tokens)
+    blocks = sorted({int(k.split(".")[1]) for k in s if k.startswith("text.")})
+    for tower, official in (("text", "text_adapter"), ("vision", "visual_adapter")):
+        for b in blocks:
+            for part in ("down.0.weight", "down.0.bias", "up.weight", "up.bias"):
+                sd[f"{official}.{b + 1}.{part}"] = s[f"{tower}.{b}.{part}"].clone()
+    for b in blocks:  # Linear(32, 32) + ReLU: d_model == mid_dim gives no down/up
+        for part in ("weight", "bias"):
+            sd[f"shared_adapter.{b + 1}.0.{part}"] = s[f"shared.{b}.0.{part}"].clone()
+    return sd
 
 
 def _comma(method, s: dict, clip) -> OrderedDict:
@@ -195,31 +294,41 @@ def _dpt(method, s: dict, clip) -> dict[str, OrderedDict]:
             EXTRACTOR: ext, "prompt_learner": text}
 
 
-def _optimizer_entries(state: OrderedDict, max_epoch: int) -> tuple[dict, dict]:
-    """Dassl's optimiser/scheduler state dicts for a model (SGD + cosine + constant warmup,
-    one step taken so that momentum buffers exist)."""
+def _optimizer_entries(state: OrderedDict, max_epoch: int, optim: str = "sgd",
+                       warmup: bool = True) -> tuple[dict, dict]:
+    """Dassl's optimiser/scheduler state dicts for a model (SGD or Adam, cosine, by default
+    inside a constant warmup; one step taken so that momentum buffers exist)."""
     params = [nn.Parameter(v.float().clone()) for v in state.values() if v.is_floating_point()]
-    optim = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optim, float(max_epoch))
+    if optim == "adam":
+        opt = torch.optim.Adam(params, lr=0.002, eps=1e-3, weight_decay=5e-4)
+    else:
+        opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(max_epoch))
     cosine.last_epoch = 1
-    sched = ConstantWarmupScheduler(optim, cosine, 1, 1e-5)
+    sched = ConstantWarmupScheduler(opt, cosine, 1, 1e-5) if warmup else cosine
     for p in params:
         p.grad = torch.randn_like(p)
-    optim.step()
+    opt.step()
     sched.step()
-    return optim.state_dict(), sched.state_dict()
+    return opt.state_dict(), sched.state_dict()
 
 
 def write_official(folder: Path, states: dict[str, OrderedDict], epoch: int = 5,
-                   best: bool = False) -> dict[str, Path]:
-    """``<folder>/<model>/model.pth.tar-<epoch>`` (+ ``checkpoint``) as ``save_checkpoint``."""
+                   best: bool = False, method: str = "") -> dict[str, Path]:
+    """``<folder>/<model>/model.pth.tar-<epoch>`` (+ ``checkpoint``) as ``save_checkpoint``
+    (``method``: save as that official trainer does, ``SAVES``)."""
+    how = dict(SAVES.get(method, {}))
+    with_val = how.pop("val_result", True)
     paths = {}
     for model, state in states.items():
-        optim, sched = _optimizer_entries(state, epoch)
+        optim, sched = _optimizer_entries(state, epoch, **how)
         path = folder / model / ("model-best.pth.tar" if best else f"model.pth.tar-{epoch}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": state, "epoch": epoch, "optimizer": optim, "scheduler": sched,
-                    "val_result": None}, path)
+        checkpoint = {"state_dict": state, "epoch": epoch, "optimizer": optim,
+                      "scheduler": sched}
+        if with_val:
+            checkpoint["val_result"] = None
+        torch.save(checkpoint, path)
         (path.parent / "checkpoint").write_text(path.name + "\n")
         paths[model] = path
     return paths

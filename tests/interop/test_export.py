@@ -14,12 +14,14 @@ from vlprompt.interop.unpickle import read_official_file
 
 from .official_files import METHODS, official_states, random_method, write_official
 
-FIXED_HEAD = ["coop", "kgcoop", "maple", "ivlp", "vpt", "promptsrc", "comma"]
+#: text features independent of the image, and the plain (or prompted) image tower
+FIXED_HEAD = ["coop", "kgcoop", "maple", "ivlp", "vpt", "promptsrc", "comma", "tcp", "prograd"]
+NO_VISION_PROMPTS = ("coop", "kgcoop", "tcp", "prograd")
 
 
 def _imported_run(name, world, tmp_path):
     ref = random_method(name, world.clip, world.classnames, template=world.template)
-    write_official(tmp_path / "official", official_states(name, ref, world.clip))
+    write_official(tmp_path / "official", official_states(name, ref, world.clip), method=name)
     run = tmp_path / "run"
     assert main(["import", str(tmp_path / "official"), "--method", name, "--dataset", "eurosat",
                  "--root", world.data, "--backbone", world.clip_path, "--output", str(run),
@@ -50,7 +52,7 @@ def test_classifier_export_gives_predict_the_same_topk(name, world, tmp_path, ca
     loaded = read_classifier(head)
     assert loaded.text_features.shape == (10, 32) and loaded.classnames == world.classnames
     assert torch.allclose(loaded.text_features.norm(dim=-1), torch.ones(10))
-    assert (loaded.shallow is None) == (name in ("coop", "kgcoop"))
+    assert (loaded.shallow is None) == (name in NO_VISION_PROMPTS)
     assert loaded.metadata["backbone_fingerprint"]
     by_run = _predict(capsys, "--checkpoint", str(run), *world.images)
     by_head = _predict(capsys, "--checkpoint", str(head), *world.images)
@@ -75,7 +77,9 @@ def test_classifier_of_a_trained_run_and_its_errors(trained_coop, world, tmp_pat
     assert "only for an exported classifier" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["cocoop", "dpt"])
+# MMA: fixed text features, but the image tower's blocks carry adapters the head cannot hold;
+# CoPrompt: an adapter on the image features; HiCroPL: the frozen image feature is added
+@pytest.mark.parametrize("name", ["cocoop", "dpt", "mma", "coprompt", "hicropl"])
 def test_classifier_export_refused_when_logits_are_not_a_fixed_head(name, world, tmp_path,
                                                                      capsys):
     run, _ = _imported_run(name, world, tmp_path)
@@ -105,7 +109,8 @@ def test_dassl_export_round_trip(name, world, batch, tmp_path, capsys):
     out = tmp_path / "dassl"
     assert main(["export", str(run), "--format", "dassl", "--output", str(out)]) == 0
     model, _, _ = _run_method(run, None, "cpu")
-    oc = load_official(out, name, world.clip, world.classnames, model.template)
+    oc = load_official(out, name, world.clip, world.classnames, model.template,
+                       dataset="eurosat")
     with torch.no_grad():
         assert torch.equal(oc.method(batch), model(batch))
     assert main(["eval", "--checkpoint", str(out), "--method", name, "--dataset", "eurosat",
@@ -126,8 +131,10 @@ def test_dassl_export_round_trip(name, world, batch, tmp_path, capsys):
         # missing: only the frozen CLIP (from the backbone file) and tensors never used
         unused = {"logit_scale", "prompt_learner.compound_prompts_image", "bias_vectors",
                   "meta_net.linear1.weight", "meta_net.linear1.bias"}
-        frozen = ("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder.")
-        tokens = ("token_prefix", "token_suffix")  # deleted above, as the official loader does
+        frozen = ("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder.",
+                  "model_distill.")
+        # deleted above, as the official loader does (MMA's loader: its prompt buffers)
+        tokens = ("token_prefix", "token_suffix", "token_embedding", "tokenized_prompts")
         assert all(k in unused or k.endswith(tokens) or (k.startswith(frozen) and "VPT" not in k)
                    for k in result.missing_keys), result.missing_keys
         assert read_official_file(path)["epoch"] == 5

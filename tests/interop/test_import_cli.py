@@ -17,7 +17,7 @@ from .official_files import METHODS, official_states, random_method, write_log, 
 def test_import_then_eval_predict_report(name, world, batch, tmp_path, capsys):
     ref = random_method(name, world.clip, world.classnames, template=world.template)
     official = tmp_path / "official"
-    write_official(official, official_states(name, ref, world.clip))
+    write_official(official, official_states(name, ref, world.clip), method=name)
     run = tmp_path / "runs" / name
     assert main(["import", str(official), "--method", name, "--dataset", "eurosat",
                  "--root", world.data, "--backbone", world.clip_path, "--output", str(run)]) == 0

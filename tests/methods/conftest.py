@@ -42,3 +42,28 @@ def make_tiny_clip(seed: int = 0) -> CLIP:
 @pytest.fixture(scope="session")
 def tiny_clip() -> CLIP:
     return make_tiny_clip(0)
+
+
+#: the dataset name the tests' LLM-description file is written under (CoPrompt, HiCroPL)
+DESCRIPTION_DATASET = "colours"
+
+
+def colour_descriptions(names=CLASSNAMES + NEW_CLASSNAMES) -> dict[str, list[str]]:
+    """Three short descriptions per class, in the official ``gpt_file`` format's content."""
+    return {n: [f"a photo of something {n.replace('_', ' ')}.", f"a {n.replace('_', ' ')} object.",
+                f"the colour {n.replace('_', ' ')}, bright and flat."] for n in names}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def description_files(tmp_path_factory):
+    """A folder of LLM class descriptions for the tiny task (the official files are not ours to
+    bundle), wired into TINY_OVERRIDES for the methods that read descriptions."""
+    from vlprompt.data.descriptions import write_descriptions
+
+    folder = tmp_path_factory.mktemp("descriptions")
+    write_descriptions(folder, DESCRIPTION_DATASET, colour_descriptions())
+    TINY_OVERRIDES["coprompt"] = {"descriptions": str(folder),
+                                  "description_dataset": DESCRIPTION_DATASET}
+    TINY_OVERRIDES["hicropl"] = {"descriptions": str(folder),
+                                 "description_dataset": DESCRIPTION_DATASET}
+    return folder

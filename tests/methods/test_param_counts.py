@@ -24,6 +24,12 @@ EXPECTED = {
     # CLIP-LoRA = 12 blocks x 3 (q, k, v) x r=2 x (768 + 768 vision, 512 + 512 text)
     "mma": ({}, 674_560),
     "clip_lora": ({}, 184_320),
+    # METHODS-SOTA.md §4: DePT on CoOp (16 x 512) + FiLM 2,048 + head 513 x C (C = 2 here)
+    "dept": ({}, 8_192 + 2_048 + 513 * 2),
+    # METHODS-SOTA.md §3: CoPrompt = MaPLe (n 2, J 9) + 2 adapters x (512*128 + 128*512)
+    "coprompt": ({}, 3_817_216),
+    # METHODS-SOTA.md §6: HiCroPL trains 12 x 16 x (512 + 768) prompts in released mode
+    "hicropl": ({"mapper": "released_inplace"}, 245_760),
 }
 BASELINES = ["cocoop", "kgcoop", "vpt", "maple", "promptsrc", "ivlp"]
 
@@ -59,3 +65,28 @@ def test_promptsrc_gpa_state_mirrors_trainable_tensors(vit_b16):
     params = method.named_trainable_parameters()
     assert set(extra) == {f"gpa.{n}" for n in params} | {"gpa.epochs"}
     assert sum(extra[f"gpa.{n}"].numel() for n in params) == 46_080
+
+
+def test_coprompt_count_at_its_largest_dataset_setting(vit_b16):
+    """n 4, J 12 (ImageNet, Caltech, Cars, SUN, UCF): MaPLe's 2,048 + 393,984 + 11*4*512 +
+    11*393,984, plus the adapters' 262,144."""
+    method = build_method("coprompt", vit_b16, ["cat", "dog"], n_ctx=4, depth=12)
+    assert method.num_trainable_parameters() == 5_014_528
+    adapters = sum(p.numel() for n, p in method.named_trainable_parameters().items()
+                   if "adapter" in n)
+    assert adapters == 262_144
+
+
+def test_hicropl_registered_and_functional_counts(vit_b16):
+    """Prompts 245,760 + text->vision 8,466,432 + vision->text 4,202,496 + LKP 6 x 1,052,672 +
+    6 x 2,365,440 + proxies 7,680 = 33,431,040 registered (all trained in functional mode);
+    cross-dataset (n 2, depth 6, k 5): 20,316,416 registered, 15,360 trained in released mode."""
+    released = build_method("hicropl", vit_b16, ["cat", "dog"], mapper="released_inplace")
+    functional = build_method("hicropl", vit_b16, ["cat", "dog"])
+    assert released.num_registered_parameters() == 33_431_040
+    assert functional.num_trainable_parameters() == 33_431_040
+    assert sum(p.numel() for p in functional.text_to_vision.parameters()) == 8_466_432
+    assert sum(p.numel() for p in functional.vision_to_text.parameters()) == 4_202_496
+    xd = build_method("hicropl", vit_b16, ["cat", "dog"], mapper="released_inplace", n_ctx=2,
+                      depth=6, cross_layer=5)
+    assert (xd.num_registered_parameters(), xd.num_trainable_parameters()) == (20_316_416, 15_360)

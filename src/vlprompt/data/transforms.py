@@ -6,6 +6,11 @@ Test: resize the shorter side to ``size`` (bicubic), centre crop, CLIP normalisa
 Random numbers come from torch (the global generator, or one passed in), drawn in the same order
 and with the same calls as torchvision, so seeding torch makes the crops reproducible and, for the
 same seed, equal to torchvision's.
+
+Also (CoPrompt, METHODS-SOTA.md §3): Dassl's ``["randaugment", "normalize"]`` train pipeline
+(``RandAugmentTransform``) and several views of one image per item (``MultiViewTransform``,
+``[V, 3, S, S]``, collated to ``[B, V, 3, S, S]``), chosen with ``build_transform(augment=...,
+views=...)``.
 """
 
 from __future__ import annotations
@@ -136,15 +141,84 @@ class TestTransform:
         return f"TestTransform(size={self.image_size}, fast_decode={self.fast_decode})"
 
 
+class RandAugmentTransform:
+    """Dassl's train pipeline for ``INPUT.TRANSFORMS: ["randaugment", "normalize"]`` (CoPrompt):
+    Resize((S, S), bicubic) — Dassl adds it when no random crop is configured, so the aspect
+    ratio is not kept — then Dassl's RandAugment(n, m) (``data/randaugment.py``), ToTensor,
+    Normalize. No crop, no flip."""
+
+    def __init__(self, image_size: int = 224, n: int = 2, m: float = 10,
+                 fast_decode: bool = False, generator: Optional[torch.Generator] = None):
+        from .randaugment import RandAugment
+
+        self.image_size, self.fast_decode, self.generator = image_size, fast_decode, generator
+        self.randaugment = RandAugment(n, m)
+
+    def __call__(self, source: ImageInput) -> Tensor:
+        img = open_image(source, self.image_size if self.fast_decode else None)
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return to_normalized_tensor(self.randaugment(img, self.generator))  # [3,S,S]
+
+    def __repr__(self) -> str:
+        return (f"RandAugmentTransform(size={self.image_size}, {self.randaugment!r}, "
+                f"fast_decode={self.fast_decode})")
+
+
+class MultiViewTransform:
+    """``views`` independent draws of one train transform of the same image: ``[V, 3, S, S]``
+    (Dassl's ``DATALOADER.K_TRANSFORMS``). The image is decoded once; the views draw from the one
+    ``generator`` in turn, so an item's seed fixes all its views (``SeededItems`` sets it)."""
+
+    def __init__(self, base, views: int):
+        if views < 2:
+            raise ValueError(f"MultiViewTransform needs views >= 2, got {views}")
+        self.base, self.views = base, views
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        return self.base.generator
+
+    @generator.setter
+    def generator(self, value: Optional[torch.Generator]) -> None:
+        self.base.generator = value
+
+    def __call__(self, source: ImageInput) -> Tensor:
+        img = open_image(source, self.base.image_size if self.base.fast_decode else None)
+        return torch.stack([self.base(img) for _ in range(self.views)])  # [V,3,S,S]
+
+    def __repr__(self) -> str:
+        return f"MultiViewTransform({self.base!r}, views={self.views})"
+
+
+#: training augmentations ``build_transform(augment=...)`` knows
+AUGMENTATIONS = ("standard", "resize_randaugment")
+
+
 def build_transform(train: bool, image_size: int = 224, fast_decode: bool = False,
-                    generator: Optional[torch.Generator] = None):
-    """The train or test pipeline: callable(path | PIL image) -> normalised ``[3, S, S]`` tensor.
+                    generator: Optional[torch.Generator] = None, *, augment: str = "standard",
+                    views: int = 1):
+    """The train or test pipeline: callable(path | PIL image) -> normalised ``[3, S, S]`` tensor
+    (``[views, 3, S, S]`` for a training transform with ``views > 1``).
+
+    ``augment`` (training only): "standard" = RandomResizedCrop + flip (``TrainTransform``, the
+    CoOp-family default), "resize_randaugment" = Resize((S, S)) + Dassl's RandAugment(2, 10)
+    (``RandAugmentTransform``). Methods ask for theirs with the attributes ``train_augment`` and
+    ``train_views`` (the engine reads them; absent = "standard", 1 view).
 
     ``fast_decode`` opts into JPEG draft decoding (reduced-size DCT decode). It is much faster on
     large photos but its pixels differ slightly from a full decode, so results are not
     bit-identical to the reference pipeline. Train randomness uses ``generator`` or, if None,
     torch's global generator (seeded per worker by the DataLoader).
     """
-    if train:
-        return TrainTransform(image_size, fast_decode=fast_decode, generator=generator)
-    return TestTransform(image_size, fast_decode=fast_decode)
+    if not train:
+        return TestTransform(image_size, fast_decode=fast_decode)
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if augment == "standard":
+        base = TrainTransform(image_size, fast_decode=fast_decode, generator=generator)
+    elif augment == "resize_randaugment":
+        base = RandAugmentTransform(image_size, fast_decode=fast_decode, generator=generator)
+    else:
+        raise ValueError(f"unknown training augmentation {augment!r}; known: "
+                         f"{', '.join(AUGMENTATIONS)}")
+    return base if views == 1 else MultiViewTransform(base, views)

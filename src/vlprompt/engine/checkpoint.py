@@ -125,6 +125,22 @@ def newest_generation(run_dir: PathLike) -> Generation:
     return gen
 
 
+def selected_generation(run_dir: PathLike, newest: Optional[Generation] = None) -> Generation:
+    """The checkpoint a run is tested with: with ``train.select: best_val`` the best-epoch folder
+    its newest intact generation names (``header["best"]``), else that generation itself."""
+    newest = newest or newest_generation(run_dir)
+    header = newest.header()
+    run = RunDir(resolve_run_folder(run_dir))
+    best = run.best_generation(header.get("best")) if header.get("select") == "best_val" else None
+    if best is None:
+        return newest
+    problem = best.verify()
+    if problem:
+        raise ValueError(f"{run.path}: the best-epoch checkpoint (epoch {best.index}) is not "
+                         f"usable ({problem}); rerun training with --force")
+    return best
+
+
 def read_header(run_dir: PathLike) -> dict:
     """The header of a run folder's newest intact checkpoint."""
     return newest_generation(run_dir).header()

@@ -122,13 +122,15 @@ def _load_clip(backbone, device: torch.device, clip=None):
     return load_clip(backbone, device=device)
 
 
-def method_template(method_cls, split) -> str:
+def method_template(method_cls, split, method_config: Optional[dict] = None) -> str:
     """The dataset's template in the table the method's paper used (KgCoOp's DTD template
-    differs from CoOp's); custom datasets keep their own."""
+    differs from CoOp's; a wrapper such as DePT uses its configured base's); custom datasets
+    keep their own."""
     from ..clip.templates import CUSTOM_TEMPLATES, dataset_template
 
-    if method_cls.template_variant != "coop" and split.dataset in CUSTOM_TEMPLATES:
-        return dataset_template(split.dataset, method_cls.template_variant)
+    variant = method_cls.template_variant_for(method_config)
+    if variant != "coop" and split.dataset in CUSTOM_TEMPLATES:
+        return dataset_template(split.dataset, variant)
     return split.template
 
 
@@ -152,6 +154,37 @@ def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfi
         logger.warning("%s/%s: skipped %d unreadable image(s), e.g. %s", dataset, subsample,
                        entry["num_skipped"], entry["skipped_files"][0])
     return Evaluation.from_dict({"dataset": dataset, "subsample": subsample, **entry})
+
+
+def _train_transform(model, image_size: int):
+    """The training views a method asks for: ``train_augment`` (default "standard": RRC + flip)
+    and ``train_views`` (default 1; V > 1 gives items ``[V, 3, S, S]``, batches
+    ``[B, V, 3, S, S]``), e.g. CoPrompt's two RandAugment views."""
+    from ..data import build_transform
+
+    return build_transform(True, image_size, augment=getattr(model, "train_augment", "standard"),
+                           views=getattr(model, "train_views", 1))
+
+
+def _tell_dataset(model, dataset: Optional[str]) -> None:
+    """Name the dataset the method's classes come from, for methods whose class inputs depend on
+    more than the class names (LLM descriptions: ``set_dataset``, e.g. CoPrompt)."""
+    hook = getattr(model, "set_dataset", None)
+    if dataset and callable(hook):
+        hook(dataset)
+
+
+def _val_set(split, train_cfg: TrainConfig, image_size: int):
+    """``select: best_val``: the val split of the training classes (few-shot: min(K, 4) per
+    class), with the test transform; None with ``select: last``."""
+    from ..data import ImageDataset, build_transform
+
+    if train_cfg.select != "best_val":
+        return None
+    if split.val and split.val == split.test and D.is_main():
+        logger.warning("%s has no val split of its own (its val split is the test split, as in "
+                       "Dassl): select=best_val selects on the test images", split.dataset)
+    return ImageDataset(split.val, build_transform(False, image_size), dataset=split.dataset)
 
 
 def _check_existing(run: RunDir, stored_config: dict, key: str, resume: bool,
@@ -252,7 +285,7 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
                     skip_missing: bool, resume: bool, epoch_callback, show_progress,
                     resume_from_tensors: bool) -> RunResults:
     from ..clip.fingerprint import backbone_fingerprint
-    from ..data import ImageDataset, build_transform, load_split
+    from ..data import ImageDataset, load_split
     from ..methods import make_config
 
     start = time.time()
@@ -266,8 +299,9 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
                      if method_cls.trainable else [])
     seed_everything(seed)
     model = method_cls(clip, list(split.classnames), make_config(method_cls, config["method"]),
-                       template=method_template(method_cls, split))
+                       template=method_template(method_cls, split, config["method"]))
     model.to(device)
+    _tell_dataset(model, name)
     if D.is_main():
         run.write_config(stored_config)
         logger.info("Setting fixed seed: %d", seed)
@@ -280,13 +314,14 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
     header_extra = {"config": config, "dataset": name, "shots": shots, "seed": seed,
                     "subsample": subsample, "protocol": run_info["protocol"]}
     if method_cls.trainable:
-        train_set = ImageDataset(train_records, build_transform(True, clip.image_size),
+        train_set = ImageDataset(train_records, _train_transform(model, clip.image_size),
                                  dataset=name)
         train_result = train_method(model, train_set, train_cfg, run_dir=run, device=device,
                                     resume=resume, backbone=run_info["backbone"],
                                     header_extra=header_extra, epoch_callback=epoch_callback,
                                     show_progress=show_progress,
-                                    resume_from_tensors=resume_from_tensors)
+                                    resume_from_tensors=resume_from_tensors,
+                                    val_set=_val_set(split, train_cfg, clip.image_size))
     else:
         train_result = {"epochs": 0, "loss_history": [], "time_s": 0.0, "finished": True}
         if D.is_main():
@@ -311,9 +346,10 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
 
 
 def _build_from_run(run_dir: Path, gen, clip, classnames: Sequence[str],
-                    template: Optional[str], allow_class_mismatch: bool = False):
+                    template: Optional[str], allow_class_mismatch: bool = False,
+                    dataset: Optional[str] = None):
     """The run's method on ``clip`` with the learned tensors of generation ``gen``, classifying
-    ``classnames``."""
+    ``classnames`` (of ``dataset``, when known)."""
     from ..methods import get_method, make_config
 
     header = gen.header()
@@ -327,6 +363,7 @@ def _build_from_run(run_dir: Path, gen, clip, classnames: Sequence[str],
     model = method_cls(clip, header.get("classnames") or list(classnames), config,
                        template=template or header.get("template"))
     ckpt.load_generation(gen, model, source=str(run_dir))
+    _tell_dataset(model, dataset)
     if trained != wanted:
         if model.class_specific:
             ckpt.check_classnames(header, classnames, str(run_dir), allow_class_mismatch)
@@ -356,8 +393,9 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: Optional[PathLike], subs
     from ..methods import get_method
 
     run = RunDir(ckpt.resolve_run_folder(run_dir))
-    gen = ckpt.newest_generation(run.path)
-    header = gen.header()
+    newest = ckpt.newest_generation(run.path)
+    header = newest.header()
+    gen = ckpt.selected_generation(run.path, newest)  # select best_val: the best epoch's
     if not header.get("finished", True) and header.get("epoch") != header.get("max_epoch"):
         logger.warning("%s: training did not finish (epoch %s of %s); evaluating that checkpoint",
                        run.path, header.get("epoch"), header.get("max_epoch"))
@@ -370,14 +408,16 @@ def evaluate_run(run_dir: PathLike, dataset: str, root: Optional[PathLike], subs
         split = load_split(dataset, root, shots=-1, seed=int(header.get("seed", 1)),
                            subsample=subsample, skip_missing=skip_missing)
         model = _build_from_run(run.path, gen, clip, split.classnames,
-                                method_template(get_method(header["method"]), split),
-                                allow_class_mismatch)
+                                method_template(get_method(header["method"]), split,
+                                                header.get("method_config")),
+                                allow_class_mismatch, dataset=name)
         model.to(device)
         entry = _evaluate(model, split.test, split.classnames, clip.image_size, train_cfg,
                           device, name, subsample, skip_missing)
         if D.is_main():
             run.add_evaluation(entry, lambda: _results_from_header(header))
-            logger.info("Loading weights from %s (epoch = %s)", run.path, header.get("epoch"))
+            logger.info("Loading weights from %s (epoch = %s)", gen.folder,
+                        gen.header().get("epoch"))
             _log_result(entry.key, entry.to_dict())
         D.barrier()
     return entry.to_dict()
@@ -392,7 +432,7 @@ def predict_with_checkpoint(run_dir: PathLike, images: Sequence, classes: Option
     from ..data import build_transform
 
     run_dir = ckpt.resolve_run_folder(run_dir)
-    gen = ckpt.newest_generation(run_dir)
+    gen = ckpt.selected_generation(run_dir)  # select best_val: the best epoch's
     header = gen.header()
     device = D.default_device(None if device is None else str(device))
     clip = _load_clip(header["backbone"], device, clip)
@@ -400,7 +440,8 @@ def predict_with_checkpoint(run_dir: PathLike, images: Sequence, classes: Option
     if not classnames:
         raise ValueError(f"{run_dir}: the checkpoint names no classes; pass --classes")
     model = _build_from_run(run_dir, gen, clip, classnames, header.get("template"),
-                            allow_class_mismatch)
+                            allow_class_mismatch,
+                            dataset=None if classes else header.get("dataset"))
     model.to(device).eval()
     transform = build_transform(False, clip.image_size)
     batch = torch.stack([transform(img) for img in images]).to(device)  # [N, 3, S, S]

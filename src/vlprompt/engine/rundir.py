@@ -9,6 +9,8 @@ Layout of a run folder::
     checkpoints/000007/         the newest committed generation: checkpoint.safetensors (learned
                                 tensors), checkpoint.json (header), training_state.pt (resume)
     checkpoints/000006/         the previous generation (kept as a fallback)
+    checkpoints/best-000004/    ``train.select: best_val`` only: the best epoch's tensors and
+                                header (epoch, val accuracy), named by the generations' headers
     .lock                       held (``flock``) by the one process writing the folder
     progress.json               where training is (epoch, step, ETA), for sweep status tables
     failure.json                why the last attempt failed (sweeps), removed when a run succeeds
@@ -19,6 +21,9 @@ Guarantees:
   fsynced, and one ``rename`` publishes it: at any instant the newest numbered folder is complete.
   The previous generation is deleted only after the new one is durable. Stale temporaries are
   removed when the next writer starts. Other files are replaced atomically (``fileio``).
+  A best-epoch folder is published the same way before the generation that names it, and
+  removed only once no kept generation names it, so a resumed run finds the best-so-far of the
+  generation it resumes from.
 * **One writer.** A writer holds an exclusive advisory lock on ``.lock`` for its lifetime (the OS
   releases it when the process dies); a second writer fails at once naming the holder. Readers
   (``report``, evaluation into another folder) never take it.
@@ -64,6 +69,13 @@ FAILURE_FILE = "failure.json"
 KEEP_GENERATIONS = 2
 _GENERATION = re.compile(r"^\d{6}$")
 _TMP_PREFIX = ".tmp-"
+BEST_PREFIX = "best-"
+_BEST = re.compile(r"^best-\d{6}$")
+
+
+def best_folder_name(epoch: int) -> str:
+    """The folder under ``checkpoints/`` of the best-epoch checkpoint of ``epoch`` (best_val)."""
+    return f"{BEST_PREFIX}{int(epoch):06d}"
 
 
 def evaluation_key(dataset: str, subsample: str) -> str:
@@ -342,6 +354,7 @@ class RunDir:
         for old in [g for g in self.generations() if g.index > 0][KEEP_GENERATIONS:]:
             shutil.rmtree(old.folder, ignore_errors=True)  # a kill before the old one went
             removed.append(old.folder)
+        removed += self._prune_best()
         if removed:
             logger.info("removed %d stale temporary file(s) in %s", len(removed), self.path)
         return removed
@@ -466,44 +479,98 @@ class RunDir:
     def commit(self, tensors: dict, header: dict,
                training_state: Optional[dict] = None) -> Generation:
         """Write a complete new generation and publish it with one atomic rename; then drop
-        generations older than the previous one."""
-        import torch
-        from safetensors.torch import save_file
-
+        generations older than the previous one (and best-epoch folders no kept one names)."""
         previous = [g for g in self.generations() if g.index > 0]
         index = (previous[0].index if previous else 0) + 1
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoints / f"{_TMP_PREFIX}{index:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        after_file_op("mkdir")
-        files = {}
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"epoch": str(header.get("epoch", 0))})
-        after_file_op("write tensors")
-        files[TENSORS_FILE] = {"sha256": sha256_file(tmp / TENSORS_FILE)}
-        if training_state is not None:
-            torch.save(training_state, str(tmp / STATE_FILE))
-            after_file_op("write training state")
-            files[STATE_FILE] = {"sha256": sha256_file(tmp / STATE_FILE)}
-        header = {**header, "generation": index, "files": files}
-        (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n")
-        after_file_op("write header")
-        for name in (TENSORS_FILE, STATE_FILE, HEADER_FILE):
-            if (tmp / name).exists():
-                fsync_file(tmp / name)
-        fsync_dir(tmp)
-        after_file_op("fsync")
-        final = self.checkpoints / f"{index:06d}"
-        os.rename(tmp, final)
-        after_file_op("rename")
-        fsync_dir(self.checkpoints)
-        after_file_op("fsync folder")
+        header = {**header, "generation": index}
+        final = self._publish(f"{index:06d}", tensors, header, training_state)
         for old in previous[KEEP_GENERATIONS - 1:]:
             shutil.rmtree(old.folder, ignore_errors=True)
             after_file_op(f"remove generation {old.index}")
         for name in (TENSORS_FILE, HEADER_FILE, STATE_FILE):  # an old-format checkpoint
             (self.path / name).unlink(missing_ok=True)
+        self._prune_best()
         return Generation(final, index)
+
+    def _publish(self, name: str, tensors: dict, header: dict,
+                 training_state: Optional[dict] = None, op: str = "") -> Path:
+        """Write ``checkpoints/<name>`` in a temporary folder, fsync it and rename it into place
+        (``op`` prefixes the ``after_file_op`` descriptions)."""
+        import torch
+        from safetensors.torch import save_file
+
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoints / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        after_file_op(op + "mkdir")
+        files = {}
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"epoch": str(header.get("epoch", 0))})
+        after_file_op(op + "write tensors")
+        files[TENSORS_FILE] = {"sha256": sha256_file(tmp / TENSORS_FILE)}
+        if training_state is not None:
+            torch.save(training_state, str(tmp / STATE_FILE))
+            after_file_op(op + "write training state")
+            files[STATE_FILE] = {"sha256": sha256_file(tmp / STATE_FILE)}
+        header = {**header, "files": files}
+        (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n")
+        after_file_op(op + "write header")
+        for file in (TENSORS_FILE, STATE_FILE, HEADER_FILE):
+            if (tmp / file).exists():
+                fsync_file(tmp / file)
+        fsync_dir(tmp)
+        after_file_op(op + "fsync")
+        final = self.checkpoints / name
+        os.rename(tmp, final)
+        after_file_op(op + "rename")
+        fsync_dir(self.checkpoints)
+        after_file_op(op + "fsync folder")
+        return final
+
+    # ------------------------------------------------------------------ best epoch (best_val)
+    def commit_best(self, tensors: dict, header: dict) -> Generation:
+        """Publish the tensors and header of the best epoch so far as ``checkpoints/best-<epoch>``
+        (atomic, like a generation). The generation committed next names it in its header's
+        ``best`` record; until then it is unreferenced. A folder of the same epoch can only be a
+        killed attempt's or belong to a generation being redone, so it is replaced."""
+        epoch = int(header["epoch"])
+        name = best_folder_name(epoch)
+        if (self.checkpoints / name).exists():  # a killed attempt's, or the superseded
+            shutil.rmtree(self.checkpoints / name)  # newest generation's (a fallback resume)
+            after_file_op(f"best remove old {name}")
+        final = self._publish(name, tensors, header, op="best ")
+        return Generation(final, epoch)
+
+    def best_generation(self, record: Optional[dict]) -> Optional[Generation]:
+        """The best-epoch folder a generation header's ``best`` record names (None if none)."""
+        if not record or not record.get("folder"):
+            return None
+        return Generation(self.checkpoints / record["folder"], int(record.get("epoch", 0)))
+
+    def _best_referenced(self) -> Optional[set]:
+        """Best-epoch folders named by the kept generations (None if a header is unreadable)."""
+        names = set()
+        for gen in self.generations():
+            try:
+                names.add((gen.header().get("best") or {}).get("folder"))
+            except ValueError:
+                return None
+        return names
+
+    def _prune_best(self) -> list[Path]:
+        """Remove the best-epoch folders no kept generation names (none if unsure)."""
+        if not self.checkpoints.is_dir():
+            return []
+        referenced = self._best_referenced()
+        if referenced is None:
+            return []
+        removed = []
+        for item in sorted(self.checkpoints.iterdir()):
+            if _BEST.match(item.name) and item.name not in referenced:
+                shutil.rmtree(item, ignore_errors=True)
+                after_file_op(f"remove {item.name}")
+                removed.append(item)
+        return removed
 
 
 def iter_run_dirs(root: PathLike) -> Iterator[RunDir]:

@@ -11,6 +11,13 @@ Determinism across interruptions: the data order of epoch ``e`` depends on ``(se
 each item's augmentation on its position in the epoch (not on the number of workers or
 processes), and the optimiser, RNG and running-loss state are restored, so a run resumed at an
 epoch boundary or mid-epoch ends with the same tensors as an uninterrupted one.
+
+Model selection (``train.select``): ``last`` tests the last epoch's tensors; ``best_val``
+evaluates on the val split after every epoch (under a saved and restored RNG state, so training
+is the same as with ``last``), commits a new best (ties: the later epoch, as Dassl) as the run
+folder's best-epoch checkpoint before the generation whose header names it (``best``,
+``val_history``), and loads it into the method when training ends. A resumed run takes the best
+so far from the generation it resumes from, so it ends with the same best as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import distributed as D
-from .evaluate import autocast, autocast_dtype
+from .evaluate import autocast, autocast_dtype, evaluate_method
 from .optim import build_optimizer, set_epoch_lr, set_step_lr
-from .rundir import RunDir
+from .rundir import RunDir, best_folder_name
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +100,23 @@ class Progress:
     elapsed: float = 0.0
     sums: dict = dataclasses.field(default_factory=lambda: {"loss": 0.0, "n": 0.0})
     finished: bool = False
+    #: ``select: best_val``: the best epoch so far ``{"epoch", "val_accuracy", "folder"}`` and
+    #: the val accuracy after each epoch
+    best: Optional[dict] = None
+    val_history: list = dataclasses.field(default_factory=list)
 
     def summary(self, max_epoch: int) -> dict:
-        return {"epochs": max_epoch if self.finished else self.epoch,
-                "loss_history": list(self.loss_history), "time_s": round(self.elapsed, 3),
-                "finished": self.finished}
+        out = {"epochs": max_epoch if self.finished else self.epoch,
+               "loss_history": list(self.loss_history), "time_s": round(self.elapsed, 3),
+               "finished": self.finished}
+        if self.val_history:
+            out.update(self.selection())
+        return out
+
+    def selection(self) -> dict:
+        """What ``best_val`` records in headers and results."""
+        return {"select": "best_val", "best": dict(self.best or {}),
+                "val_history": list(self.val_history)}
 
 
 @dataclasses.dataclass
@@ -113,6 +132,9 @@ class _Loop:
     amp_dtype: Optional[torch.dtype]
     run: Optional[RunDir]
     save: Callable[[Progress], None]
+    #: ``select: best_val``: commits the best-epoch checkpoint; the best tensors kept in memory
+    save_best: Optional[Callable[[Progress], None]] = None
+    best_tensors: Optional[dict] = None
 
 
 def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
@@ -130,7 +152,7 @@ def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
         progress = Progress(epoch=loop.config.max_epoch, finished=True,
                             loss_history=list((state or {}).get("loss_history", [])),
                             elapsed=float((state or {}).get("time_s", 0.0)))
-        return progress
+        return _selection_from(loop, header, progress)
     try:
         state = ckpt.load_training_state(gen)
     except ValueError as err:
@@ -145,7 +167,7 @@ def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
             logger.warning("%s; continuing from the learned tensors of epoch %s with a fresh "
                            "optimiser (momentum and RNG state are lost: the result will differ "
                            "from an uninterrupted run)", err, header.get("epoch"))
-            return Progress(epoch=int(header.get("epoch", 0)))
+            return _selection_from(loop, header, Progress(epoch=int(header.get("epoch", 0))))
         else:
             raise ValueError(f"{err}; the learned tensors of epoch {header.get('epoch')} are "
                              f"intact: rerun with --resume-from-tensors to continue from them "
@@ -162,6 +184,22 @@ def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
     if progress.epoch > loop.config.max_epoch:
         raise ValueError(f"{run.path}: checkpoint is at epoch {progress.epoch} but max_epoch is "
                          f"{loop.config.max_epoch}; use --force to start over")
+    return _selection_from(loop, header, progress)
+
+
+def _selection_from(loop: _Loop, header: dict, progress: Progress) -> Progress:
+    """``best_val``: the best so far and the val history of the generation resumed from; its
+    best-epoch folder must be intact (else the run could not end with the same best)."""
+    if loop.config.select != "best_val":
+        return progress
+    progress.best = dict(header["best"]) if header.get("best") else None
+    progress.val_history = list(header.get("val_history") or [])
+    best = loop.run.best_generation(progress.best)
+    problem = best.verify() if best is not None else None
+    if problem:
+        raise ValueError(f"{loop.run.path}: the best-epoch checkpoint of epoch "
+                         f"{progress.best.get('epoch')} is not usable ({problem}); rerun with "
+                         f"--force to start over")
     return progress
 
 
@@ -173,6 +211,8 @@ def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: st
         extra = dict(header_extra or {})
         extra.update({"max_epoch": config.max_epoch, "finished": progress.finished,
                       "step": progress.step})
+        if config.select == "best_val":
+            extra.update(progress.selection())
         header = ckpt.make_header(method, backbone, progress.epoch, extra)
         state = {"epoch": progress.epoch, "step": progress.step,
                  "optimizer": optimizer.state_dict(),
@@ -182,6 +222,60 @@ def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: st
         ckpt.save_checkpoint(run.path, method, header, state)
 
     return save
+
+
+def _make_best_saver(loop: _Loop, backbone: str,
+                     header_extra: Optional[dict]) -> Callable[[Progress], None]:
+    """``best_val``: keep the new best epoch's tensors (in memory on every rank; committed as the
+    run's best-epoch folder by rank 0)."""
+    def save_best(progress: Progress) -> None:
+        loop.best_tensors = ckpt.trainable_tensors(loop.method)
+        if loop.run is None or not D.is_main():
+            return
+        extra = {**(header_extra or {}), "max_epoch": loop.config.max_epoch, "finished": False,
+                 "step": 0, "select": "best_val",
+                 "val_accuracy": progress.best["val_accuracy"]}
+        header = ckpt.make_header(loop.method, backbone, progress.epoch, extra)
+        loop.run.commit_best(loop.best_tensors, header)
+
+    return save_best
+
+
+def _validate(loop: _Loop, val_set: Dataset, progress: Progress, num_workers: int) -> None:
+    """``best_val``, after an epoch: val accuracy, and a new best (ties: the later epoch, as
+    Dassl's ``curr_result >= best_result``) kept before the generation naming it is committed.
+    The RNG state is restored afterwards, so evaluation does not change the training."""
+    config = loop.config
+    rng = ckpt.rng_state()
+    entry = evaluate_method(loop.method, val_set, list(loop.method.classnames),
+                            batch_size=config.eval_batch_size, device=loop.device,
+                            precision=config.precision, num_workers=num_workers)
+    ckpt.set_rng_state(rng)
+    accuracy = float(entry["accuracy"])
+    progress.val_history.append(accuracy)
+    if progress.best is None or accuracy >= progress.best["val_accuracy"]:
+        progress.best = {"epoch": progress.epoch, "val_accuracy": accuracy,
+                         "folder": best_folder_name(progress.epoch)}
+        loop.save_best(progress)
+    if D.is_main():
+        logger.info("epoch [%d/%d] val accuracy %.2f%% (best %.2f%% at epoch %d)",
+                    progress.epoch, config.max_epoch, accuracy, progress.best["val_accuracy"],
+                    progress.best["epoch"])
+
+
+def _load_best(loop: _Loop, progress: Progress) -> None:
+    """``best_val``, when training has ended: the best epoch's tensors into the method."""
+    if progress.best is None:
+        return
+    if loop.best_tensors is not None:
+        loop.method.load_trainable_state_dict(
+            {k: v.to(loop.device) for k, v in loop.best_tensors.items()})
+    else:  # resumed after the best epoch: from its folder
+        ckpt.load_generation(loop.run.best_generation(progress.best), loop.method,
+                             source=str(loop.run.path))
+    if D.is_main():
+        logger.info("Deploy the model with the best val performance (epoch %d, %.2f%%)",
+                    progress.best["epoch"], progress.best["val_accuracy"])
 
 
 def _step(loop: _Loop, images: torch.Tensor, labels: torch.Tensor,
@@ -417,13 +511,17 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
                  device: Optional[torch.device] = None, resume: bool = True,
                  backbone: Optional[str] = None, header_extra: Optional[dict] = None,
                  epoch_callback: Optional[Callable[[int], None]] = None,
-                 show_progress: Optional[bool] = None, resume_from_tensors: bool = False) -> dict:
+                 show_progress: Optional[bool] = None, resume_from_tensors: bool = False,
+                 val_set: Optional[Dataset] = None) -> dict:
     """Train ``method`` on ``dataset`` (items ``(image, label)``).
 
     Commits a checkpoint to ``run_dir`` after each epoch and within long epochs (rank 0) and,
     with ``resume``, continues from the newest one there. ``epoch_callback(epoch)`` runs after
     each epoch's checkpoint (tests use it to simulate an interruption). Returns ``{"epochs",
-    "loss_history", "time_s", "finished"}``. Raises ``NonFiniteLossError`` on a NaN/inf loss.
+    "loss_history", "time_s", "finished"}`` (``select: best_val`` adds ``select``, ``best``,
+    ``val_history``). With ``select: best_val`` (``val_set`` = the val split of the training
+    classes) the method holds the best epoch's tensors when this returns.
+    Raises ``NonFiniteLossError`` on a NaN/inf loss.
     """
     from ..clip.fingerprint import backbone_fingerprint
     from ..runtime import resolve_num_workers
@@ -439,6 +537,9 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
                          f"processes ({world}) times train.grad_accum ({config.grad_accum})")
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
+    if config.select == "best_val" and (val_set is None or len(val_set) == 0):
+        raise ValueError("train.select=best_val needs a val split to select on, and this run has "
+                         "none; use train.select=last")
     layout = _batch_layout(config, len(dataset), world)
     config = _with_step_budget(config, layout["steps_per_epoch"])
 
@@ -448,8 +549,10 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     save = _make_saver(method, config, run, backbone, header_extra, optimizer, scaler)
     params = list(method.named_trainable_parameters().values())
     loop = _Loop(method, config, device, optimizer, params, scaler, amp_dtype, run, save)
+    loop.save_best = _make_best_saver(loop, backbone, header_extra)
     progress = _resume(loop, resume_from_tensors) if resume else Progress()
     if progress.finished:
+        _load_best(loop, progress)
         return progress.summary(config.max_epoch)
     if progress.epoch or progress.step:
         if D.is_main():
@@ -472,6 +575,8 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
         with redirect:
             while progress.epoch < config.max_epoch:
                 _run_epoch(loop, dataset, progress, bar, timing)
+                if config.select == "best_val":
+                    _validate(loop, val_set, progress, timing["num_workers"])
                 save(progress)
                 D.barrier()
                 if epoch_callback is not None:
@@ -488,4 +593,5 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     D.barrier()
     if D.is_main():
         logger.info("Finish training")
+    _load_best(loop, progress)
     return progress.summary(config.max_epoch)

@@ -47,12 +47,11 @@ def _classes(text: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .official import supported_methods
+    from .official import no_official_format, supported_methods
     from .run import import_official
 
     if args.method not in supported_methods():
-        raise ValueError(f"--method {args.method!r} has no official repository layout; "
-                         f"supported: {', '.join(supported_methods())}")
+        raise ValueError("--" + no_official_format(args.method))
     if args.classnames is None and args.root is None:
         from ..data import is_dataset_file
 
@@ -86,7 +85,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "import", help="turn an official repository's run into a vlprompt run folder",
         description="Read an official run (CoOp, CoCoOp, KgCoOp, MaPLe, IVLP, VPT, PromptSRC, "
-                    "COMMA or DPT trainer output: <dir>/<registered model>/model.pth.tar-<epoch>) "
+                    "COMMA, DPT, MMA, TCP or ProGrad trainer output: "
+                    "<dir>/<registered model>/model.pth.tar-<epoch>) "
                     "safely, map its tensors onto the method, and write an ordinary run "
                     "folder that predict, report and eval use. Settings come from the tensor "
                     "shapes and the run's config.yaml/log.txt; method.<field>=<value> words "

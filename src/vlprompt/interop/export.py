@@ -43,7 +43,8 @@ def _run_method(run_dir: PathLike, classes: Optional[Sequence[str]], device):
     header = gen.header()
     clip = load_clip(header["backbone"], device=device)
     names = list(classes) if classes else list(header.get("classnames") or [])
-    model = _build_from_run(folder, gen, clip, names, header.get("template"))
+    model = _build_from_run(folder, gen, clip, names, header.get("template"),
+                            dataset=header.get("dataset"))
     return model.to(device).eval(), header, folder
 
 
@@ -107,7 +108,8 @@ def _vision_prompts(model) -> tuple[Optional[Tensor], dict]:
 def _not_fixed(model) -> str:
     return (f"{model.name}: its logits are not a fixed classifier over CLIP image features (the "
             f"text side depends on the image, or the image side on the text: CoCoOp, DPT, TOMML, "
-            f"MuPL); use 'vlprompt predict --checkpoint RUN_DIR' instead")
+            f"MuPL; or the image tower's weights are adapted: MMA, CLIP-LoRA); use "
+            f"'vlprompt predict --checkpoint RUN_DIR' instead")
 
 
 @torch.no_grad()

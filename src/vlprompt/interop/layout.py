@@ -15,6 +15,12 @@ Key templates (``Rule.official`` / ``Rule.ours``):
 
 The index on the vlprompt side is the official index plus ``Rule.offset`` (e.g. IVLP's block-1
 prompt ``resblocks.1.VPT_shallow`` is row 0 of vlprompt's deep stack: offset -1).
+Two rules may give one vlprompt key when the official module registers one Parameter under two
+names; the two official tensors must then be equal.
+
+``OfficialLayout.config`` maps an official config key to a vlprompt field by name, or through a
+``Setting`` where the two write the value differently (a 1-based block index, a prompt prefix
+that vlprompt keeps as a template).
 """
 
 from __future__ import annotations
@@ -41,6 +47,20 @@ class Rule:
     #: class-specific, training-only tensor (DPT's auxiliary classifiers, which the official
     #: loader drops): when its shape does not fit the class list, the method keeps its own
     optional: bool = False
+    #: each official tensor has a leading dim of 1 that vlprompt's lacks (a ``[1, D]`` token
+    #: per layer that is one row of vlprompt's ``[N, D]``)
+    squeeze: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """An official config value written differently from the vlprompt field: ours = official +
+    ``offset`` (numbers: a 1-based block index is ``offset=-1``), or official + ``suffix``
+    (text: a prompt prefix "a photo of a" that vlprompt holds as "a photo of a {}.")."""
+
+    field: str
+    offset: int = 0
+    suffix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +75,14 @@ class OfficialLayout:
     #: registered model names (``register_model``): one sub-folder of the output folder each
     models: tuple[str, ...]
     rules: tuple[Rule, ...]
-    #: Dassl config key -> vlprompt method config field (read from ``config.yaml``/``log.txt``)
+    #: Dassl config key -> vlprompt method config field or ``Setting`` (read from
+    #: ``config.yaml``/``log.txt``, written by ``export --format dassl``)
     config: dict = dataclasses.field(default_factory=dict)
     #: vlprompt config field -> (vlprompt tensor key(s), how): "dim<k>" (size of dim k),
     #: "layers" (1 per [n, D] tensor + N per stacked [N, n, D]), "count" (keys matching a
-    #: ``*`` pattern), "ndim3" (a [C, n, D] tensor). Shapes win over the config file.
+    #: ``*`` pattern), "ndim3" (a [C, n, D] tensor), "first"/"last" (the smallest/largest
+    #: number at the ``*`` of the keys matching a pattern; unset when none does). A key with
+    #: a ``*`` stands for the keys it matches, in sorted order. Shapes win over the config file.
     shapes: dict = dataclasses.field(default_factory=dict)
     #: official keys the official code recomputes or never uses (regex prefixes); dropped
     ignored: tuple[str, ...] = ()
@@ -73,6 +96,9 @@ class OfficialLayout:
     #: vlprompt tensors absent from official files, derived on import: "epoch" (a tensor
     #: holding the epoch), "gpa" (PromptSRC's aggregate = the saved, aggregated prompts)
     fill: tuple[str, ...] = ()
+    #: vlprompt tensors absent from official files that the method keeps as built (state that
+    #: does not change the logits, e.g. a training-time random-draw counter)
+    keep: tuple[str, ...] = ()
 
     def model_of(self, rule_model: str) -> str:
         return rule_model or self.models[0]

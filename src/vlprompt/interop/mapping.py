@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .layout import OfficialLayout
+from .layout import OfficialLayout, Setting
 
 TOKEN_KEYS = ("token_prefix", "token_suffix")
 
@@ -71,8 +71,10 @@ def _assemble(atoms: list[tuple[str, Optional[int], Tensor, str]]
     for key, parts in groups.items():
         sources[key] = [n for _, _, n in parts]
         if parts[0][0] is None:
-            if len(parts) > 1:
-                raise ValueError(f"{', '.join(sources[key])} all map to {key}")
+            first = parts[0][1]
+            if any(p[1].shape != first.shape or not torch.equal(p[1], first) for p in parts[1:]):
+                # one Parameter under two names is fine; two different tensors are not
+                raise ValueError(f"{', '.join(sources[key])} all map to {key} but differ")
             tensors[key] = parts[0][1]
             continue
         parts.sort(key=lambda p: p[0])
@@ -110,7 +112,8 @@ def official_to_ours(layout: OfficialLayout, states: dict[str, dict[str, Tensor]
         model = layout.model_of(rule.model)
         found, used = _translate(left.get(model, {}), _Template(rule.official),
                                  _Template(rule.ours), rule.offset)
-        atoms += [(k, s, v, official_name(layout, model, n)) for k, s, v, n in found]
+        atoms += [(k, s, _squeezed(v) if rule.squeeze else v, official_name(layout, model, n))
+                  for k, s, v, n in found]
         if rule.optional:
             optional |= {k for k, _, _, _ in found}
         for key in used:
@@ -148,8 +151,15 @@ def ours_to_official(layout: OfficialLayout, tensors: dict[str, Tensor]
         found, _ = _translate(tensors, _Template(rule.ours), _Template(rule.official),
                               -rule.offset)
         state, _ = _assemble(found)
+        if rule.squeeze:
+            state = {k: v.unsqueeze(0) for k, v in state.items()}  # [D] -> [1, D]
         out[layout.model_of(rule.model)].update(state)
     return out
+
+
+def _squeezed(value: Tensor) -> Tensor:
+    """``[1, ...]`` -> ``[...]``; another shape is kept (and reported as a wrong shape)."""
+    return value[0] if value.dim() and value.shape[0] == 1 else value
 
 
 def optional_keys(layout: OfficialLayout, keys) -> set[str]:
@@ -164,7 +174,13 @@ def shape_fields(layout: OfficialLayout, tensors: dict[str, Tensor]) -> dict[str
     out = {}
     for field, (keys, how) in layout.shapes.items():
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
-        present = [tensors[k] for k in keys if k in tensors]
+        if how in ("first", "last"):
+            numbers = _star_numbers(keys[0], tensors)
+            if numbers:
+                out[field] = (min if how == "first" else max)(numbers)
+            continue
+        present = [tensors[n] for k in keys for n in
+                   (sorted(fnmatch.filter(tensors, k)) if "*" in k else [k]) if n in tensors]
         if how.startswith("dim"):
             out[field] = int(present[0].shape[int(how[3:])]) if present else 0
         elif how == "layers":
@@ -176,6 +192,12 @@ def shape_fields(layout: OfficialLayout, tensors: dict[str, Tensor]) -> dict[str
         else:
             raise ValueError(f"unknown shape rule {how!r} for {field}")
     return out
+
+
+def _star_numbers(pattern: str, tensors: dict[str, Tensor]) -> list[int]:
+    """The numbers at the ``*`` of ``pattern`` in the keys that match it (``text.*.up.weight``)."""
+    regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+    return [int(m.group(1)) for k in tensors if (m := regex.match(k))]
 
 
 def coerce(value: Any, like: Any) -> Any:
@@ -193,15 +215,42 @@ def coerce(value: Any, like: Any) -> Any:
     return value
 
 
+def field_of(spec: str | Setting) -> str:
+    """The vlprompt field an entry of ``OfficialLayout.config`` sets."""
+    return spec.field if isinstance(spec, Setting) else spec
+
+
 def config_fields(layout: OfficialLayout, flat: dict, defaults: dict) -> dict[str, Any]:
     """Method config fields from an official flat config (``layout.config``)."""
     out = {}
-    for key, field in layout.config.items():
-        if key in flat and field in defaults:
-            out[field] = coerce(flat[key], defaults[field])
+    for key, spec in layout.config.items():
+        field = field_of(spec)
+        if key not in flat or field not in defaults:
+            continue
+        value = flat[key]
+        if isinstance(spec, Setting) and spec.suffix:
+            value = ("" if value is None else str(value)) + spec.suffix
+        value = coerce(value, defaults[field])
+        if isinstance(spec, Setting) and spec.offset:
+            value += spec.offset
+        out[field] = value
     return out
 
 
 def dassl_config(layout: OfficialLayout, fields: dict) -> dict:
-    """The official config keys of the method fields (for an official-style ``config.yaml``)."""
-    return {key: fields[field] for key, field in layout.config.items() if field in fields}
+    """The official config keys of the method fields (for an official-style ``config.yaml``);
+    a text field that does not end with its ``Setting.suffix`` has no official value."""
+    out = {}
+    for key, spec in layout.config.items():
+        field = field_of(spec)
+        if field not in fields:
+            continue
+        value = fields[field]
+        if isinstance(spec, Setting) and spec.suffix:
+            if not (isinstance(value, str) and value.endswith(spec.suffix)):
+                continue
+            value = value[:-len(spec.suffix)]
+        if isinstance(spec, Setting) and spec.offset:
+            value -= spec.offset
+        out[key] = value
+    return out

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .dassl_config import read_official_config
 from .layout import OfficialLayout
-from .mapping import (Mapped, config_fields, official_to_ours, optional_keys,
+from .mapping import (Mapped, config_fields, field_of, official_to_ours, optional_keys,
                       ours_to_official, shape_fields)
 from .unpickle import read_official_file, state_dict_of
 
@@ -35,9 +35,14 @@ def layout_of(method_cls: type) -> OfficialLayout:
     """The method's own ``official_layout`` (a subclass does not inherit its parent's)."""
     layout = method_cls.__dict__.get("official_layout")
     if layout is None:
-        raise ValueError(f"method {method_cls.name!r} has no official repository layout; "
-                         f"supported: {', '.join(supported_methods())}")
+        raise ValueError(no_official_format(method_cls.name))
     return layout
+
+
+def no_official_format(method: str) -> str:
+    """The one-line refusal for a method without an ``official_layout``."""
+    return (f"method {method!r} has no supported official checkpoint format (no official "
+            f"repository layout); supported: {', '.join(supported_methods())}")
 
 
 def supported_methods() -> list[str]:
@@ -57,16 +62,39 @@ def registered_by(model: str) -> list[str]:
     return [m for m, lay in _layouts().items() if model in lay.models]
 
 
-def detect_methods(states: dict[str, dict[str, Tensor]]) -> list[str]:
-    """The methods whose layout places every tensor of ``states`` (what the file is)."""
+def detect_methods(states: dict[str, dict[str, Tensor]], like=None) -> list[str]:
+    """The methods whose layout places every tensor of ``states`` (what the file is); with
+    ``like`` (a built method), only those that, built on its CLIP and classes, expect the
+    tensors' shapes (key names alone do not tell CoCoOp's meta-net from TCP's)."""
     found = []
     for name, layout in _layouts().items():
         if not set(states) <= set(layout.models) or not states:
             continue
-        mapped = official_to_ours(layout, states)
-        if mapped.tensors and not mapped.unplaced:
+        try:
+            mapped = official_to_ours(layout, states)
+        except ValueError:  # not this layout's file
+            continue
+        if mapped.tensors and not mapped.unplaced and (like is None or
+                                                        _shapes_fit(name, layout, mapped, like)):
             found.append(name)
     return found
+
+
+def _shapes_fit(name: str, layout: OfficialLayout, mapped: Mapped, like) -> bool:
+    """Whether method ``name``, with the settings the shapes imply, on ``like``'s CLIP and
+    classes, expects the shapes of ``mapped`` (an error path: builds the method)."""
+    from ..methods import get_method, make_config
+
+    method_cls = get_method(name)
+    defaults = dataclasses.asdict(method_cls.Config())
+    fields = {k: v for k, v in shape_fields(layout, mapped.tensors).items() if k in defaults}
+    try:
+        expected = method_cls(like.clip, list(like.classnames),
+                              make_config(method_cls, fields)).trainable_state_dict()
+    except (ValueError, TypeError, RuntimeError):  # settings this backbone cannot hold
+        return False
+    return all(k in mapped.optional or k not in expected or expected[k].shape == v.shape
+               for k, v in mapped.tensors.items())
 
 
 # ------------------------------------------------------------------------------ files
@@ -210,7 +238,8 @@ def infer_config(method_cls: type, layout: OfficialLayout, mapped: Mapped, flat:
             for k, v in shapes.items()))
     fields.update(shapes)
     if not from_config:
-        kept = [k for k in layout.config.values() if k in defaults and k not in shapes]
+        kept = [k for k in map(field_of, layout.config.values())
+                if k in defaults and k not in shapes]
         if kept:
             notes.append("no config.yaml/log.txt: kept the paper defaults " + ", ".join(
                 f"{k}={defaults[k]!r}" for k in kept))
@@ -250,11 +279,13 @@ def _place(method, layout: OfficialLayout, mapped: Mapped, file: Path, name: str
             tensors[key] = expected[key]
     for key in optional_keys(layout, expected) - set(tensors):  # not in the file
         tensors[key] = expected[key]
+    for key in set(layout.keep) & set(expected) - set(tensors):  # never in official files
+        tensors[key] = expected[key]
     missing = sorted(set(expected) - set(tensors))
     if missing:
         absent = ours_to_official(layout, {k: expected[k] for k in missing})
         names = [k for state in absent.values() for k in state] or missing
-        others = [m for m in detect_methods(states) if m != name]
+        others = [m for m in detect_methods(states, method) if m != name]
         hint = f"; it looks like a {' or '.join(others)} checkpoint" if others else ""
         raise ValueError(f"{file}: not an official {name} checkpoint: no {', '.join(names[:4])}"
                          f" (expected keys: {_expected_keys(layout)}){hint}")
@@ -264,20 +295,22 @@ def _place(method, layout: OfficialLayout, mapped: Mapped, file: Path, name: str
         del tensors[key]
     for key, value in tensors.items():
         if value.shape != expected[key].shape:
+            others = [m for m in detect_methods(states, method) if m != name]
+            why = (f"it looks like a {' or '.join(others)} checkpoint" if others else
+                   "was it trained on another backbone?")
             raise ValueError(
                 f"{file}: {', '.join(mapped.sources.get(key, [key]))} has shape "
                 f"{tuple(value.shape)}, but {name} on this backbone expects "
-                f"{tuple(expected[key].shape)} (expected keys: {_expected_keys(layout)}); was it "
-                f"trained on another backbone?")
+                f"{tuple(expected[key].shape)} (expected keys: {_expected_keys(layout)}); {why}")
         tensors[key] = value.to(expected[key].dtype)
     return tensors, notes
 
 
 def _check_unplaced(mapped: Mapped, layout: OfficialLayout, file: Path, name: str,
-                    states: dict) -> None:
+                    states: dict, method=None) -> None:
     if not mapped.unplaced:
         return
-    others = [m for m in detect_methods(states) if m != name]
+    others = [m for m in detect_methods(states, method) if m != name]
     listed = ", ".join(mapped.unplaced[:3]) + (", ..." if len(mapped.unplaced) > 3 else "")
     if others:
         raise ValueError(f"{file}: holds tensors {name} does not have ({listed}; {name} expects "
@@ -341,8 +374,10 @@ def check_tokens(method, layout: OfficialLayout, mapped: Mapped, file: Path) -> 
 
 def load_official(path: PathLike, method_name: str, clip, classnames: Sequence[str],
                   template: Optional[str], overrides: Optional[dict] = None,
-                  epoch: Union[str, int] = "last", backbone: str = "") -> OfficialCheckpoint:
-    """Build ``method_name`` on ``clip`` for ``classnames`` from the official run at ``path``."""
+                  epoch: Union[str, int] = "last", backbone: str = "",
+                  dataset: Optional[str] = None) -> OfficialCheckpoint:
+    """Build ``method_name`` on ``clip`` for ``classnames`` (of ``dataset``, for methods whose
+    class inputs need more than the names: LLM descriptions) from the official run at ``path``."""
     from ..methods import get_method, make_config
 
     method_cls = get_method(method_name)
@@ -350,17 +385,22 @@ def load_official(path: PathLike, method_name: str, clip, classnames: Sequence[s
     run = find_official_run(path, layout, method_name, epoch)
     states, saved_epoch = read_states(run)
     file = next(iter(run.files.values()))
-    mapped = official_to_ours(layout, states)
+    try:
+        mapped = official_to_ours(layout, states)
+    except ValueError as err:  # layers missing, aliases that differ
+        raise ValueError(f"{file}: {err} (expected keys: {_expected_keys(layout)})") from None
     flat, sources = read_official_config(run.folder)
     if not sources and run.folder.parent != run.folder:
         flat, sources = read_official_config(run.folder.parent)
     _check_trainer(layout, flat, sources, method_name)
     fields, notes = infer_config(method_cls, layout, mapped, flat, sources, overrides or {})
     method = method_cls(clip, list(classnames), make_config(method_cls, fields), template=template)
+    if dataset and callable(getattr(method, "set_dataset", None)):
+        method.set_dataset(dataset)
     note = check_backbone_tensors(mapped, clip, file, backbone or "the given backbone")
     _fill(layout, mapped.tensors, saved_epoch)
     tensors, place_notes = _place(method, layout, mapped, file, method_name, states)
-    _check_unplaced(mapped, layout, file, method_name, states)
+    _check_unplaced(mapped, layout, file, method_name, states, method)
     method.load_trainable_state_dict({k: v.to(method.device) for k, v in tensors.items()})
     notes += place_notes + [n for n in (note, check_tokens(method, layout, mapped, file)) if n]
     if mapped.tokens:

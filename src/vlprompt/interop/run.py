@@ -92,7 +92,7 @@ def evaluate_official(path: PathLike, method: str, dataset: str, root, backbone:
     clip = _load_clip(backbone, device, clip)
     names, template, name, split = _classes(dataset, root, None, None, subsample,
                                             get_method(method))
-    oc = load_official(path, method, clip, names, template, overrides, epoch, backbone)
+    oc = load_official(path, method, clip, names, template, overrides, epoch, backbone, name)
     _log_notes(oc)
     model = oc.method.to(device)
     test = ImageDataset(split.test, build_transform(False, clip.image_size), dataset=name)
@@ -198,7 +198,7 @@ def import_official(path: PathLike, method: str, output: PathLike, dataset: Opti
     clip = _load_clip(backbone, device, clip)
     names, template, name, _ = _classes(dataset, root, classnames, template, subsample,
                                         get_method(method))
-    oc = load_official(path, method, clip, names, template, overrides, epoch, backbone)
+    oc = load_official(path, method, clip, names, template, overrides, epoch, backbone, name)
     run = RunDir(output)
     with run:
         if run.started and not force:

@@ -7,7 +7,7 @@ loading, optimisers, devices, logging or distributed training: the engine does t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,16 @@ from ..clip.model import CLIP
 @dataclasses.dataclass
 class MethodConfig:
     """Fields every method has. Subclasses add theirs; defaults are the paper's settings."""
+
+
+class Features(NamedTuple):
+    """One forward of a method (``Method.forward_features``): its raw (unnormalised) image and
+    text features and the logits it computes from them, so a wrapper (DePT) can add heads on the
+    features without running the towers twice."""
+
+    image: Tensor  # [B, E]
+    text: Tensor  # [C, E], or per-sample [B, C, E] (instance-conditional prompts, CoCoOp)
+    logits: Tensor  # [B, C], what ``forward`` returns
 
 
 class Method(nn.Module):
@@ -51,6 +61,11 @@ class Method(nn.Module):
         self.config = config if config is not None else self.Config()
         self.template = template or "a photo of a {}."
         self.classnames = [c.replace("_", " ") for c in classnames]
+        #: the classes the learned tensors are trained for: the constructor's. The engine builds
+        #: a method on the classes it trains (``run_experiment``) or was trained on (the
+        #: checkpoint header's ``classnames``, ``_build_from_run``), and switches to other
+        #: classes with ``set_classnames`` after loading; see ``training_class_index``
+        self.training_classnames = list(self.classnames)
 
     # ------------------------------------------------------------------ interface
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -65,6 +80,35 @@ class Method(nn.Module):
         """Total training loss and its named parts (for logging). Default: cross-entropy."""
         ce = F.cross_entropy(self(images), labels)
         return ce, {"ce": float(ce.detach())}
+
+    def forward_features(self, images: Tensor) -> Features:
+        """One forward giving the raw image and text features and the logits
+        (``forward(images)`` equals its ``logits``), for wrappers that add heads on a method's
+        features (DePT). Methods that support wrapping implement it with
+        ``extra_loss_terms``."""
+        raise NotImplementedError(f"{self.name}: forward_features is not implemented")
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """The weighted loss terms beyond cross-entropy on ``features.logits`` (the output of
+        ``forward_features(images)`` for this batch) and their named parts: the method's
+        ``loss`` is ``CE + terms[0] + terms[1] + ...``, summed in that order."""
+        raise NotImplementedError(f"{self.name}: extra_loss_terms is not implemented")
+
+    def training_class_index(self) -> Optional[list[int]]:
+        """Are the current classes the training classes, or some of them? For each current
+        class its index in ``training_classnames`` (``0..C-1`` when the lists are equal, e.g.
+        the ImageNet-A/R subsets of an ImageNet run); None when a current class is not a
+        training class (new classes, another dataset). Names are compared after the
+        ``_``-to-space rewrite; a name the training list repeats maps to its first row."""
+        if self.classnames == self.training_classnames:
+            return list(range(len(self.classnames)))
+        rows: dict[str, int] = {}
+        for i, name in enumerate(self.training_classnames):
+            rows.setdefault(name, i)
+        if not all(name in rows for name in self.classnames):
+            return None
+        return [rows[name] for name in self.classnames]
 
     def loss_terms(self, images: Tensor, labels: Tensor
                    ) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -84,6 +128,12 @@ class Method(nn.Module):
                                   "combines_gradients")
 
     # ------------------------------------------------------------------ engine hooks
+    @classmethod
+    def template_variant_for(cls, config: Optional[dict] = None) -> str:
+        """``template_variant`` of the method configured with ``config`` (its ``method`` fields,
+        as the engine resolved them): a wrapper (DePT) takes its base method's."""
+        return cls.template_variant
+
     def train(self, mode: bool = True) -> "Method":
         super().train(mode)
         self.clip.eval()  # the frozen backbone always stays in eval mode

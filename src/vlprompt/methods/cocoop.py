@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..clip.model import CLIP
 from ..interop.layout import OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import Features, Method, MethodConfig
 from .prompts import TextPrompts, encode_per_sample_prompts
 from .registry import register_method
 
@@ -91,7 +91,16 @@ class CoCoOp(Method):
                                          self.config.text_chunk_size,
                                          self.config.checkpoint_chunks)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, images: Tensor) -> Features:
+        """Raw image features [B, E], per-image text features [B, C, E] and their logits."""
         image_features = self.clip.encode_image(images)  # [B, E]
         text = self.text_features(self.conditional_context(image_features))  # [B, C, E]
-        return self.logits(image_features, text)
+        return Features(image_features, text, self.logits(image_features, text))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_features(images).logits
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """None: CoCoOp's loss is cross-entropy only."""
+        return [], {}

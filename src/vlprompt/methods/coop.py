@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..interop.layout import OfficialLayout, Rule
-from .base import Method
+from .base import Features, Method
 from .prompts import FrozenFeatureCache, TextPrompts
 from .registry import register_method
 
@@ -94,9 +94,19 @@ class CoOp(Method):
         """``text_features``, reused across batches when nothing can change them (no grad)."""
         return self._cache.get(self.ctx, self.prompts.tokens, self.text_features)
 
+    def forward_features(self, images: Tensor) -> Features:
+        """Raw image [B, E] and text [C, E] features (fp32) and their logits."""
+        image_features = self.clip.encode_image(images.to(self.clip.dtype)).float()
+        text_features = self._text_features_cached().float()
+        return Features(image_features, text_features, self.logits(image_features, text_features))
+
     def forward(self, images: Tensor) -> Tensor:
-        image_features = self.clip.encode_image(images.to(self.clip.dtype))
-        return self.logits(image_features.float(), self._text_features_cached().float())
+        return self.forward_features(images).logits
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """None: CoOp's loss is cross-entropy only."""
+        return [], {}
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         logits = self(images)

@@ -56,6 +56,17 @@ class IVLPConfig(MethodConfig):
                              f"{self.depth_vision}: set both to 0 to disable vision prompts")
 
 
+#: where the official IVLP-style trainers keep the prompts (also PromptSRC's): the text context,
+#: and per-block ``VPT_shallow`` parameters of both towers' blocks 1.. (vlprompt counts from 0)
+VPT_SHALLOW_RULES = (
+    Rule("prompt_learner.ctx", "text.ctx"),
+    Rule("text_encoder.transformer.resblocks.{i}.VPT_shallow", "text.deep.prompts[{i}]",
+         offset=-1),
+    Rule("image_encoder.VPT", "vision.shallow"),
+    Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow", "vision.deep.prompts[{i}]",
+         offset=-1))
+
+
 @register_method
 class IVLP(Method):
     """Learnable: ``text.ctx`` [n_t, Dt], ``text.deep.prompts`` [depth_t-1, n_t, Dt],
@@ -69,12 +80,7 @@ class IVLP(Method):
     official_layout = OfficialLayout(
         repo="muzairkhattak/multimodal-prompt-learning", source="trainers/independentVL.py",
         trainer="IVLP", models=("VLPromptLearner",),
-        rules=(Rule("prompt_learner.ctx", "text.ctx"),
-               Rule("text_encoder.transformer.resblocks.{i}.VPT_shallow", "text.deep.prompts[{i}]",
-                    offset=-1),
-               Rule("image_encoder.VPT", "vision.shallow"),
-               Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow",
-                    "vision.deep.prompts[{i}]", offset=-1)),
+        rules=VPT_SHALLOW_RULES,
         config={"TRAINER.IVLP.N_CTX_TEXT": "n_ctx_text",
                 "TRAINER.IVLP.N_CTX_VISION": "n_ctx_vision", "TRAINER.IVLP.CTX_INIT": "ctx_init",
                 "TRAINER.IVLP.PROMPT_DEPTH_TEXT": "depth_text",

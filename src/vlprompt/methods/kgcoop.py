@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..clip.model import CLIP
 from ..interop.layout import OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import Features, Method, MethodConfig
 from .prompts import TextPrompts, hand_crafted_text_features
 from .registry import register_method
 
@@ -84,14 +84,28 @@ class KgCoOp(Method):
         tp = self.prompts
         return self.clip.encode_text_embeddings(tp.assemble(self.ctx), tp.eot_indices)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.logits(self.clip.encode_image(images), self.text_features())
-
-    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward_features(self, images: Tensor) -> Features:
+        """Raw image [B, E] and text [C, E] features and their logits."""
+        image_features = self.clip.encode_image(images)
         text = self.text_features()
-        logits = self.logits(self.clip.encode_image(images), text)
-        ce = F.cross_entropy(logits, labels)
+        return Features(image_features, text, self.logits(image_features, text))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_features(images).logits
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """``[lambda * (1 - mean_c cos(t_c, t_c^hc))]`` and its unweighted part ``kg``."""
+        text = features.text
         cos = (F.normalize(text, dim=-1) * self.hand_crafted_features().to(text.dtype)).sum(-1)
         kg = 1.0 - cos.mean()
-        total = ce + self.config.kg_weight * kg
-        return total, {"ce": float(ce.detach()), "kg": float(kg.detach())}
+        return [self.config.kg_weight * kg], {"kg": float(kg.detach())}
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        features = self.forward_features(images)
+        ce = F.cross_entropy(features.logits, labels)
+        terms, parts = self.extra_loss_terms(images, labels, features)
+        total = ce
+        for term in terms:
+            total = total + term
+        return total, {"ce": float(ce.detach()), **parts}

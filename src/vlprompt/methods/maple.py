@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import Features, Method, MethodConfig
 from .deep_prompts import CoupledPrompts
 from .registry import register_method
 
@@ -70,7 +70,16 @@ class MaPLe(Method):
         self.classnames = [c.replace("_", " ") for c in classnames]
         self.prompts.set_classnames(self.classnames)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward_features(self, images: Tensor) -> Features:
+        """Raw prompted image [B, E] and text [C, E] features and their logits."""
         text = self.prompts.encode_text(self.clip)  # [C, E]
         image = self.prompts.encode_image(self.clip, images)  # [B, E]
-        return self.logits(image, text)
+        return Features(image, text, self.logits(image, text))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_features(images).logits
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """None: MaPLe's loss is cross-entropy only."""
+        return [], {}

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..clip.model import CLIP, grad_scale
+from ..interop.layout import OfficialLayout, Rule, Setting
 from ._fixed_text import FixedTextPrompts
 from .base import Method, MethodConfig
 from .registry import register_method
@@ -113,6 +114,24 @@ class MMA(Method):
     name = "mma"
     description = "MMA: multi-modal adapters with a shared projection (CVPR 2024)"
     Config = MMAConfig
+    #: the official ``AdapterLearner`` holds ModuleLists indexed 1..12 (slot 0 = the token
+    #: embedding adapter, off): slot i = block i-1. Its fixed prompt buffers ``token_embedding``
+    #: [C, 77, Dt] and ``tokenized_prompts`` [C, 77] are deleted by the official load_model.
+    official_layout = OfficialLayout(
+        repo="ZjjConan/Multi-Modal-Adapter", source="trainers/mmadapter.py",
+        trainer="MultiModalAdapter", models=("adapter_learner",),
+        rules=(Rule("text_adapter.{i}.", "text.{i}.", offset=-1),
+               Rule("visual_adapter.{i}.", "vision.{i}.", offset=-1),
+               Rule("shared_adapter.{i}.", "shared.{i}.", offset=-1)),
+        config={"TRAINER.MMADAPTER.ADAPTER_START": Setting("adapter_start", offset=-1),
+                "TRAINER.MMADAPTER.ADAPTER_END": Setting("adapter_end", offset=-1),
+                "TRAINER.MMADAPTER.ADAPTER_DIM": "adapter_dim",
+                "TRAINER.MMADAPTER.ADAPTER_SCALE": "adapter_scale",
+                "TRAINER.MMADAPTER.TEXT_CTX_INIT": Setting("prompt_template", suffix=" {}.")},
+        shapes={"adapter_start": ("text.*.up.weight", "first"),
+                "adapter_end": ("text.*.up.weight", "last"),
+                "adapter_dim": ("shared.*.0.weight", "dim0")},
+        ignored=("token_embedding", "tokenized_prompts"))
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[MMAConfig] = None,
                  template: Optional[str] = None):

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..clip.tokenizer import tokenize
+from ..interop.layout import OfficialLayout, Rule
 from .coop import CoOp
 from .prompts import TextPrompts, hand_crafted_text_features
 from .registry import register_method
@@ -119,6 +120,16 @@ class ProGrad(CoOp):
     description = ("ProGrad: CoOp whose gradient is projected off the zero-shot CLIP's "
                    "conflicting direction (ICCV 2023)")
     Config = ProGradConfig
+    #: the official trainer registers CoOp's ``PromptLearner`` (``ctx``, token buffers) itself;
+    #: its Dassl fork saves no ``val_result``. The zero-shot teacher is not saved.
+    official_layout = OfficialLayout(
+        repo="BeierZhu/Prompt-align", source="ProGrad.public/trainers/prograd.py",
+        trainer="ProGrad", models=("prompt_learner",), rules=(Rule("ctx", "ctx"),),
+        config={"TRAINER.COOP.N_CTX": "n_ctx", "TRAINER.COOP.CTX_INIT": "ctx_from_template",
+                "TRAINER.COOP.CLASS_TOKEN_POSITION": "class_token_position",
+                "TRAINER.COOP.CSC": "csc", "LOSS.LAMBDA": "prograd_lambda",
+                "LOSS.T": "temperature"},
+        shapes={"n_ctx": ("ctx", "dim-2"), "csc": ("ctx", "ndim3")}, text_prompts="prompts")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
                  config: Optional[ProGradConfig] = None, template: Optional[str] = None):

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..clip.templates import PROMPTSRC_TEMPLATES
-from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .ivlp import IVLP, IVLPConfig
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout
+from .base import Features
+from .ivlp import IVLP, VPT_SHALLOW_RULES, IVLPConfig
 from .prompts import hand_crafted_text_features
 from .registry import register_method
 
@@ -105,12 +106,7 @@ class PromptSRC(IVLP):
     official_layout = OfficialLayout(
         repo="muzairkhattak/PromptSRC", source="trainers/promptsrc.py", trainer="PromptSRC",
         models=("VLPromptLearner",),
-        rules=(Rule("prompt_learner.ctx", "text.ctx"),
-               Rule("text_encoder.transformer.resblocks.{i}.VPT_shallow", "text.deep.prompts[{i}]",
-                    offset=-1),
-               Rule("image_encoder.VPT", "vision.shallow"),
-               Rule("image_encoder.transformer.resblocks.{i}.VPT_shallow",
-                    "vision.deep.prompts[{i}]", offset=-1)),
+        rules=VPT_SHALLOW_RULES,
         config={"TRAINER.PROMPTSRC.N_CTX_TEXT": "n_ctx_text",
                 "TRAINER.PROMPTSRC.N_CTX_VISION": "n_ctx_vision",
                 "TRAINER.PROMPTSRC.CTX_INIT": "ctx_init",
@@ -150,25 +146,49 @@ class PromptSRC(IVLP):
         return self.teacher_features
 
     # ------------------------------------------------------------------ loss
-    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def forward_features(self, images: Tensor) -> Features:
+        """Raw prompted image [B, E] and text [C, E] features and their logits."""
+        text = self.text_features()  # [C, E]
+        image = self.image_features(images)  # [B, E]
+        return Features(image, text, self.logits(image, text))
+
+    def extra_loss_terms(self, images: Tensor, labels: Tensor, features: Features
+                         ) -> tuple[list[Tensor], dict[str, float]]:
+        """The weighted text L1, image L1 and KL terms and their unweighted parts."""
+        return self._regularisers(images, F.normalize(features.text, dim=-1),
+                                  F.normalize(features.image, dim=-1), features.logits)
+
+    def _regularisers(self, images: Tensor, text: Tensor, image: Tensor, logits: Tensor
+                      ) -> tuple[list[Tensor], dict[str, float]]:
+        """The self-regulating terms from normalised text [C, E] and image [B, E] features and
+        the logits [B, C]."""
         cfg = self.config
-        text = F.normalize(self.text_features(), dim=-1)  # [C, E]
-        image = F.normalize(self.image_features(images), dim=-1)  # [B, E]
         scale = self.clip.logit_scale.exp()
-        logits = scale * image @ text.t()  # [B, C]
         teacher_text = self.teacher_text_features().to(text.dtype)
         with torch.no_grad():
             zs_image = F.normalize(self.clip.encode_image(images), dim=-1).to(image.dtype)
             zs_logits = scale * zs_image @ teacher_text.t()
-        ce = F.cross_entropy(logits, labels)
         l_text = F.l1_loss(text, teacher_text)
         l_image = F.l1_loss(image, zs_image)
         kl = F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(zs_logits, dim=1),
                       reduction="sum", log_target=True) / logits.numel()
-        total = (ce + cfg.text_loss_weight * l_text + cfg.image_loss_weight * l_image
-                 + cfg.kl_weight * kl)
-        return total, {"ce": float(ce.detach()), "l1_text": float(l_text.detach()),
-                       "l1_image": float(l_image.detach()), "kl": float(kl.detach())}
+        terms = [cfg.text_loss_weight * l_text, cfg.image_loss_weight * l_image,
+                 cfg.kl_weight * kl]
+        return terms, {"l1_text": float(l_text.detach()), "l1_image": float(l_image.detach()),
+                       "kl": float(kl.detach())}
+
+    def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
+        # normalised once, shared by the logits and the terms (``extra_loss_terms`` normalises
+        # again: same values, gradients equal up to rounding)
+        text = F.normalize(self.text_features(), dim=-1)  # [C, E]
+        image = F.normalize(self.image_features(images), dim=-1)  # [B, E]
+        logits = self.clip.logit_scale.exp() * image @ text.t()  # [B, C]
+        ce = F.cross_entropy(logits, labels)
+        terms, parts = self._regularisers(images, text, image, logits)
+        total = ce
+        for term in terms:
+            total = total + term
+        return total, {"ce": float(ce.detach()), **parts}
 
     # ------------------------------------------------------------------ GPA
     def _gpa_names(self) -> list[str]:

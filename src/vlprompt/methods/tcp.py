@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP, LayerHook, QuickGELU
+from ..interop.layout import OfficialLayout, Rule
 from .coop import CoOp
 from .prompts import TextPrompts, hand_crafted_text_features
 from .registry import register_method
@@ -120,6 +121,16 @@ class TCP(CoOp):
     description = ("TCP: CoOp with class-aware text tokens generated from frozen class "
                    "embeddings (CVPR 2024)")
     Config = TCPConfig
+    #: the official ``PromptLearner``: ``ctx`` [4, Dt], ``meta_net.linear1``/``linear2`` (its
+    #: "relu" is QuickGELU, no tensors) and the token buffers; the frozen class features are a
+    #: plain attribute, not saved. Block 8, weight 1.0 and 8.0 are hard-coded, not config.
+    official_layout = OfficialLayout(
+        repo="htyao89/Textual-based_Class-aware_prompt_tuning", source="trainers/tcp.py",
+        trainer="TCP", models=("prompt_learner",),
+        rules=(Rule("ctx", "ctx"), Rule("meta_net.linear1.", "meta_net.0."),
+               Rule("meta_net.linear2.", "meta_net.2.")),
+        config={"TRAINER.COOP.N_CTX": "n_ctx"},
+        shapes={"n_ctx": ("ctx", "dim0")}, text_prompts="prompts")
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[TCPConfig] = None,
                  template: Optional[str] = None):
