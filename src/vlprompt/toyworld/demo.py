@@ -90,8 +90,10 @@ def method_overrides(name: str, clip: CLIP) -> list[str]:
     from ..methods import get_method
 
     fields = {f.name: f.default for f in dataclasses.fields(get_method(name).Config)}
-    wanted = {"depth": min(clip.transformer.layers, clip.visual.num_layers),
-              "depth_text": clip.transformer.layers, "depth_vision": clip.visual.num_layers}
+    depth = min(clip.transformer.layers, clip.visual.num_layers)
+    # a layer that splits the prompted depth in two (HiCroPL's cross layer) must stay inside it
+    wanted = {"depth": depth, "depth_text": clip.transformer.layers,
+              "depth_vision": clip.visual.num_layers, "cross_layer": max(1, depth - 1)}
     out = []
     for key, value in wanted.items():
         default = fields.get(key, None)
