@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from ..clip.model import CLIP, QuickGELU
 from ..data.descriptions import description_features, load_descriptions
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 from .base import Method, MethodConfig
 from .deep_prompts import TextDeepPrompts, VisionPrompts, resolve_depth
 from .registry import register_method
@@ -181,8 +182,6 @@ class HiCroPL(Method):
     # learner's ParameterLists (``cross_prompts_text.0`` is ``ctx`` under a second name; one
     # [1, D] proxy query per layer), mappers, LKP nets, the frozen ``ZS_image_encoder`` and the
     # frozen CLIP (zzeoZheng/HiCroPL@2c2b2f2cd3 trainers/hicropl.py)
-    from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-
     official_layout = OfficialLayout(
         repo="zzeoZheng/HiCroPL", source="trainers/hicropl.py", trainer="HiCroPL",
         models=("VLPromptLearner",),
@@ -208,7 +207,6 @@ class HiCroPL(Method):
                 "cross_layer": ("text_proxies", "dim0")},
         backbone={"prompt_learner.ZS_image_encoder.": "visual.", **CUSTOM_CLIP_BACKBONE},
         tokens="prompt_learner.", text_prompts="text.text")
-    del CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
                  config: Optional[HiCroPLConfig] = None, template: Optional[str] = None):

@@ -116,10 +116,11 @@ def write_manifest(sweep: Sweep, launcher: str, job_ids: dict) -> Path:
         "command": sys.argv, "updated": datetime.datetime.now().isoformat(timespec="seconds")})
 
 
-def write_report_if_complete(sweep: Sweep) -> Optional[Path]:
+def write_report_if_complete(sweep: Sweep, statuses: Optional[list] = None) -> Optional[Path]:
     """When every run of the sweep is done: ``report.md``, ``report.csv`` and ``plots/``
-    beside the runs (under a lock: the last two jobs may finish together)."""
-    statuses = collect(sweep.jobs)
+    beside the runs (under a lock: the last two jobs may finish together). ``statuses``: the
+    runs' states when the caller has just read them."""
+    statuses = collect(sweep.jobs) if statuses is None else statuses
     if not statuses or any(s.state != "done" for s in statuses):
         return None
     from ..report import report
@@ -199,7 +200,7 @@ def launch(sweep: Sweep, options: LaunchOptions, clip=None) -> int:
         logger.warning("%s is being run by pid %s on %s; left to it", s.job.describe(),
                        holder.get("pid"), holder.get("host"))
     if not todo:
-        write_report_if_complete(sweep)
+        write_report_if_complete(sweep, statuses)
         return len(busy)
     if options.launcher == "inline":
         _launch_inline(sweep, todo, clip)
@@ -212,7 +213,7 @@ def launch(sweep: Sweep, options: LaunchOptions, clip=None) -> int:
     report = failure_report(sweep, statuses)
     if report:
         print(report, file=sys.stderr)
-    if write_report_if_complete(sweep) is not None:
+    if write_report_if_complete(sweep, statuses) is not None:
         print(f"report: {sweep.output / 'report.md'} (and report.csv, plots/)")
     return sum(s.state != "done" for s in statuses)
 

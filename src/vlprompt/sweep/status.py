@@ -47,12 +47,13 @@ def run_status(job: SweepJob) -> RunStatus:
     except ValueError as err:  # results of another run in the folder
         return RunStatus(job, "failed", failure={"error": str(err)})
     status = RunStatus(job, "to do", holder=holder)
+    failure = None if holder is not None or state == "done" else folder.read_failure()
     if holder is not None:
         status.state = "running"
     elif state == "done":
         status.state = "done"
-    elif folder.read_failure() is not None:
-        status.state, status.failure = "failed", folder.read_failure()
+    elif failure is not None:
+        status.state, status.failure = "failed", failure
     elif state != "new" or folder.latest_generation() is not None:
         status.state = "partial"
     if results is not None:
