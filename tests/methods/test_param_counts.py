@@ -28,6 +28,8 @@ EXPECTED = {
     "dept": ({}, 8_192 + 2_048 + 513 * 2),
     # METHODS-SOTA.md §3: CoPrompt = MaPLe (n 2, J 9) + 2 adapters x (512*128 + 128*512)
     "coprompt": ({}, 3_817_216),
+    # METHODS-SOTA.md §5: MMRL = R 5 x 512 + 7 x (512*768 + 768) + 7 x (512*512 + 512) + 768*512
+    "mmrl": ({}, 4_992_256),
     # METHODS-SOTA.md §6: HiCroPL trains 12 x 16 x (512 + 768) prompts in released mode
     "hicropl": ({"mapper": "released_inplace"}, 245_760),
 }

@@ -4,9 +4,10 @@ Models From Natural Language Supervision").
 Parameter names follow the OpenAI / open_clip state-dict layout (``visual.conv1.weight``,
 ``transformer.resblocks.N.attn.in_proj_weight``, ``text_projection``, ...) so their checkpoints
 load without renaming. Every prompt-learning method customises these towers through the
-arguments of their forward functions — prompt embeddings, deep prompts per layer, per-sample
-prompts, per-layer hooks before and after each block, attention-projection deltas (LoRA,
-``clip/lora.py``) — never by copying an encoder (DESIGN.md, "The CLIP core").
+arguments of their forward functions — prompt embeddings, deep prompts per layer (replacing
+or inserting tokens), per-sample prompts, per-layer hooks before and after each block,
+attention-projection deltas (LoRA, ``clip/lora.py``) — never by copying an encoder (DESIGN.md,
+"The CLIP core").
 
 Tensors are batch-first inside the towers: ``[B, T, D]``.
 """
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 
 #: hook(layer_index, tokens [B, T, D]) -> tokens, called before block ``layer_index``.
 LayerHook = Callable[[int, Tensor], Tensor]
-#: deep prompts: {layer_index: [P, D] shared or [B, P, D] per sample}
+#: deep prompts: {layer_index: [P, D] shared or [B, P, D] per sample}. Replace mode (the
+#: towers' ``deep_prompts``) overwrites P existing tokens; insert mode (``inserted_prompts``)
+#: inserts K tokens after position 0 before the first listed block and overwrites them later.
 DeepPrompts = Mapping[int, Tensor]
 #: post(layer_index, block input, block output, block) -> output, called after block
 #: ``layer_index``: the seam for residual branches that run parallel to a block (adapters
@@ -268,7 +271,8 @@ class VisionTransformer(nn.Module):
                 deep_prompts: Optional[DeepPrompts] = None, hook: Optional[LayerHook] = None,
                 return_tokens: bool = False, hidden_states: Optional[list] = None,
                 post_hook: Optional[PostHook] = None,
-                attn_deltas: Optional[AttentionDeltas] = None
+                attn_deltas: Optional[AttentionDeltas] = None,
+                inserted_prompts: Optional[DeepPrompts] = None
                 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Encode images.
 
@@ -283,6 +287,10 @@ class VisionTransformer(nn.Module):
             hidden_states: if a list is given, each block's output [B, T, D] is appended.
             post_hook: ``post_hook(i, x_in, x_out, block)`` after block i (residual branches).
             attn_deltas: {i: AttentionDelta} changing block i's attention projections (LoRA).
+            inserted_prompts: {layer: [K, D] or [B, K, D]}, insert mode: K tokens inserted after
+                CLS before the first listed block (the sequence grows by K: CLS, the K tokens,
+                patches, appended prompts), replacing positions 1..K before later listed blocks.
+                No positional embedding is added to them. Placed before ``deep_prompts``.
         Returns:
             image features [B, E] (unnormalised), and the tokens if ``return_tokens``.
         """
@@ -290,13 +298,56 @@ class VisionTransformer(nn.Module):
         if prompts is not None:
             x = torch.cat([x, _expand(prompts.to(x.dtype), x.shape[0])], dim=1)  # [B, 1+N+P, D]
         x = self.ln_pre(x)
-        x = self.transformer(x, hook=chain_hooks(_deep_prompt_hook(deep_prompts), hook),
-                             hidden_states=hidden_states, post_hook=post_hook,
+        hooks = chain_hooks(_inserted_prompt_hook(inserted_prompts, self.num_layers),
+                            _deep_prompt_hook(deep_prompts), hook)
+        x = self.transformer(x, hook=hooks, hidden_states=hidden_states, post_hook=post_hook,
                              attn_deltas=attn_deltas)
         cls = self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # [B, E]
         if return_tokens:
             return cls, self.ln_post(x) @ self.proj.to(x.dtype)
         return cls
+
+
+def inserted_count(inserted_prompts: Optional[DeepPrompts]) -> int:
+    """K, the number of tokens ``inserted_prompts`` insert (0 for None or {}); every entry must
+    hold the same K."""
+    if not inserted_prompts:
+        return 0
+    counts = {int(p.shape[-2]) for p in inserted_prompts.values()}
+    if len(counts) != 1:
+        raise ValueError(f"inserted prompts must all hold the same number of tokens, got "
+                         f"{sorted(counts)}")
+    return counts.pop()
+
+
+def _inserted_prompt_hook(inserted_prompts: Optional[DeepPrompts], layers: int
+                          ) -> Optional[LayerHook]:
+    """Insert mode: before the first listed block, ``inserted_prompts[i]`` (K tokens) is inserted
+    after position 0 (CLS / SOS), so the sequence grows by K; before each later listed block it
+    replaces positions 1..K. Blocks in between keep the tokens as the previous block left them."""
+    k = inserted_count(inserted_prompts)
+    if not k:
+        return None
+    first = min(inserted_prompts)
+    if not 0 <= first < layers:
+        raise ValueError(f"inserted prompts start before block {first}, but the tower has blocks "
+                         f"0..{layers - 1}")
+
+    def hook(i: int, x: Tensor) -> Tensor:
+        p = inserted_prompts.get(i)
+        if p is None:
+            return x
+        p = _expand(p.to(x.dtype), x.shape[0])  # [B, K, D]
+        keep = 1 if i == first else 1 + k  # insert, or replace positions 1..K
+        return torch.cat([x[:, :1], p, x[:, keep:]], dim=1)
+    return hook
+
+
+def _switch_hooks(block: int, before: LayerHook, after: LayerHook) -> LayerHook:
+    """``before`` for blocks < ``block``, ``after`` from ``block`` on."""
+    def hook(i: int, x: Tensor) -> Tensor:
+        return (after if i >= block else before)(i, x)
+    return hook
 
 
 def _deep_prompt_hook(deep_prompts: Optional[DeepPrompts], start: Optional[int] = None
@@ -395,7 +446,8 @@ class CLIP(nn.Module):
                                hook: Optional[LayerHook] = None,
                                hidden_states: Optional[list] = None,
                                truncate: bool = True, post_hook: Optional[PostHook] = None,
-                               attn_deltas: Optional[AttentionDeltas] = None) -> Tensor:
+                               attn_deltas: Optional[AttentionDeltas] = None,
+                               inserted_prompts: Optional[DeepPrompts] = None) -> Tensor:
         """The text tower from prompt embeddings — the entry point of every text-prompt method.
 
         Args:
@@ -405,13 +457,20 @@ class CLIP(nn.Module):
                 ``prompt_start .. prompt_start+P-1`` before block ``layer``.
             hook: ``hook(i, tokens)`` before block i (after deep prompts are placed).
             hidden_states: if a list is given, each block's output [N, T, D] is appended
-                (``T`` is the truncated length when ``truncate``).
+                (``T`` is the truncated length when ``truncate``, plus K from the block where
+                ``inserted_prompts`` insert theirs).
             truncate: run on the shortest length covering every EOT. The mask is causal, so tokens
                 after the last EOT never influence it: exact, and 2-3x cheaper than 77 tokens.
                 (A ``post_hook`` or ``attn_deltas`` must keep that property: act per token or
                 causally, as adapters and LoRA do.)
             post_hook: ``post_hook(i, x_in, x_out, block)`` after block i (residual branches).
             attn_deltas: {i: AttentionDelta} changing block i's attention projections (LoRA).
+            inserted_prompts: {layer: [K, D] or [N, K, D]}, insert mode: K tokens inserted after
+                SOS before the first listed block (the sequence grows by K, the causal mask with
+                it), replacing positions 1..K before later listed blocks; no positional
+                embedding. The feature is read at EOT + K; truncation still uses the original
+                EOTs (exact: the inserted tokens precede them). From that block on, the
+                ``deep_prompts`` positions shift by K too (they follow the inserted tokens).
         Returns:
             sentence features [N, E], unnormalised.
         """
@@ -422,12 +481,17 @@ class CLIP(nn.Module):
                 length = max(length, prompt_start + max(p.shape[-2] for p in deep_prompts.values()))
             embeddings = embeddings[:, :length]
         x = embeddings.to(self.dtype) + self.positional_embedding[: embeddings.shape[1]].to(self.dtype)
-        x = self.transformer(x, causal=True,
-                             hook=chain_hooks(_deep_prompt_hook(deep_prompts, prompt_start), hook),
-                             hidden_states=hidden_states, post_hook=post_hook,
-                             attn_deltas=attn_deltas)
+        k = inserted_count(inserted_prompts)
+        replace = _deep_prompt_hook(deep_prompts, prompt_start)
+        if k and replace is not None:  # positions follow the inserted tokens once they are in
+            replace = _switch_hooks(min(inserted_prompts), replace,
+                                    _deep_prompt_hook(deep_prompts, prompt_start + k))
+        hooks = chain_hooks(_inserted_prompt_hook(inserted_prompts, self.transformer.layers),
+                            replace, hook)
+        x = self.transformer(x, causal=True, hook=hooks, hidden_states=hidden_states,
+                             post_hook=post_hook, attn_deltas=attn_deltas)
         x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_indices]  # [N, D]
+        x = x[torch.arange(x.shape[0], device=x.device), eot_indices + k]  # [N, D]
         return x @ self.text_projection.to(x.dtype)
 
     # ----------------------------------------------------------------- both
