@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "vlprompt.interop.commands",
     "vlprompt.sweep.commands",
     "vlprompt.toyworld.commands",
+    "vlprompt.bench_commands",
 ]
 
 

@@ -22,7 +22,7 @@ SECTIONS = ("method", "train")
 #: ``train`` settings that do not change a run's outcome: changing them does not block a resume,
 #: and reports do not tell runs apart by them
 RUNTIME_ONLY = frozenset({"num_workers", "print_freq", "eval_batch_size", "checkpoint_every_steps",
-                          "checkpoint_every_minutes"})
+                          "checkpoint_every_minutes", "activation_checkpointing", "compile"})
 
 
 @dataclasses.dataclass
@@ -50,6 +50,9 @@ class TrainConfig:
     #: epochs at the constant ``warmup_lr`` before the schedule (Dassl's constant warmup)
     warmup_epoch: int = 1
     warmup_lr: float = 1e-5
+    #: RandomResizedCrop's area range for the "standard" training augmentation (torchvision's
+    #: and Dassl's default (0.08, 1); MMRL's configs use (0.5, 1))
+    crop_scale: list = dataclasses.field(default_factory=lambda: [0.08, 1.0])
     #: "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "fp32", "bf16" or "fp16"
     precision: str = "auto"
     #: split each batch into this many chunks (same gradient, less memory)
@@ -80,6 +83,12 @@ class TrainConfig:
     #: split after every epoch and test the best epoch's, later epoch on ties: Dassl's
     #: ``TEST.FINAL_MODEL best_val``, which HiCroPL's bundled Dassl makes its default)
     select: str = "last"
+    #: recompute the activations of the transformer blocks that need gradients in backward
+    #: (``torch.utils.checkpoint``): same numbers, less memory, about one more forward of time
+    activation_checkpointing: bool = False
+    #: ``torch.compile`` the towers' transformer blocks for training; falls back to eager
+    #: (with a warning) where compilation fails
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -98,6 +107,13 @@ class TrainConfig:
                 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {betas!r}")
         self.adam_betas = [float(b) for b in betas]
+        scale = self.crop_scale
+        if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+                or not 0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"train.crop_scale must be two numbers 0 < low <= high <= 1, got "
+                             f"{scale!r}")
+        self.crop_scale = [float(v) for v in scale]
         if self.min_lr < 0:
             raise ValueError(f"train.min_lr must be >= 0, got {self.min_lr}")
         if isinstance(self.max_steps, float) and self.max_steps.is_integer():
@@ -140,7 +156,9 @@ def list_protocol_configs(method: str) -> list[str]:
 def _read_yaml(path: Union[str, os.PathLike]) -> dict:
     """A config file: sections ``method`` and ``train``, plus an optional ``datasets`` mapping
     ``{dataset: {method: ..., train: ...}}`` for settings a paper gives per dataset (e.g.
-    PromptSRC's few-shot GPA)."""
+    PromptSRC's few-shot GPA), and an optional ``backbones`` mapping ``{backbone: {method: ...,
+    train: ...}}`` for settings a paper gives per backbone (CoOp's RN50 files), keyed by the
+    canonical backbone name (``RN50``, ``ViT-B/16``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -150,17 +168,54 @@ def _read_yaml(path: Union[str, os.PathLike]) -> dict:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS) - {"datasets"})
+    unknown = sorted(set(data) - set(SECTIONS) - {"datasets", "backbones"})
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; a config file has the "
-                         f"sections {', '.join(SECTIONS)} and optionally 'datasets'")
+                         f"sections {', '.join(SECTIONS)} and optionally 'datasets' and "
+                         f"'backbones'")
     out = _sections({k: v for k, v in data.items() if k in SECTIONS}, str(path))
     per_dataset = data.get("datasets") or {}
     if not isinstance(per_dataset, dict):
         raise ValueError(f"{path}: 'datasets' must map dataset names to {{method: ..., train: ...}}")
     out["datasets"] = {name: _sections(values or {}, f"{path}: datasets.{name}")
                        for name, values in per_dataset.items()}
+    per_backbone = data.get("backbones") or {}
+    if not isinstance(per_backbone, dict):
+        raise ValueError(f"{path}: 'backbones' must map backbone names to "
+                         f"{{method: ..., train: ...}}")
+    out["backbones"] = {}
+    for name, values in per_backbone.items():
+        canonical = _canonical_backbone(str(name))
+        if canonical is None:
+            raise ValueError(f"{path}: backbones.{name}: not a known backbone name (e.g. RN50, "
+                             f"ViT-B/16)")
+        out["backbones"][canonical] = _sections(values or {}, f"{path}: backbones.{name}")
     return out
+
+
+def _canonical_backbone(name: str) -> Optional[str]:
+    from .clip.load import canonical_backbone_name
+
+    return canonical_backbone_name(name)
+
+
+def backbone_config_name(backbone: Any, clip: Any = None) -> Optional[str]:
+    """The canonical name that selects a config file's ``backbones`` block: the backbone's name
+    (``RN50``, ``rn50``, ``openai:RN50``), the name of the file a named backbone is cached as
+    (``.../RN50.pt``), or the ``backbone_name`` of an already loaded CLIP; None otherwise (a
+    renamed file, an open_clip spec: only the file's general sections apply)."""
+    from .clip.load import OPENAI_MODELS
+
+    for candidate in (getattr(clip, "backbone_name", None), backbone):
+        if candidate is None or not isinstance(candidate, (str, os.PathLike)):
+            continue
+        name = _canonical_backbone(str(candidate))
+        if name is not None:
+            return name
+        by_file = {file: model for model, (file, _) in OPENAI_MODELS.items()}
+        if Path(candidate).name in by_file:
+            return by_file[Path(candidate).name]
+    return None
 
 
 def _sections(data: dict, source: str) -> dict:
@@ -173,9 +228,12 @@ def _sections(data: dict, source: str) -> dict:
 
 
 def _merge_file(config: dict, data: dict, source: str, dataset: Optional[str],
-                explicit: Optional[set] = None) -> None:
-    """A file's sections, then its per-dataset block for ``dataset`` (if any)."""
+                explicit: Optional[set] = None, backbone: Optional[str] = None) -> None:
+    """A file's sections, then its per-backbone block for ``backbone`` and its per-dataset
+    block for ``dataset`` (if any; the dataset's is the more specific and comes last)."""
     _merge(config, {s: data[s] for s in SECTIONS}, source, explicit)
+    if backbone is not None and backbone in data.get("backbones", {}):
+        _merge(config, data["backbones"][backbone], f"{source} (backbones.{backbone})", explicit)
     if dataset is not None and dataset in data["datasets"]:
         _merge(config, data["datasets"][dataset], f"{source} (datasets.{dataset})", explicit)
 
@@ -250,8 +308,11 @@ def parse_override(item: str, config: dict) -> tuple[str, str, Any]:
 def resolve_config(method: str, protocol: Optional[str] = None,
                    config_file: Optional[Union[str, os.PathLike]] = None,
                    overrides: Sequence[str] = (), *, shots: Optional[int] = None,
-                   dataset: Optional[str] = None) -> dict:
+                   dataset: Optional[str] = None, backbone: Optional[str] = None) -> dict:
     """The resolved config {"method": {...}, "train": {...}} of a run.
+
+    ``backbone`` (a canonical name, ``backbone_config_name``) selects the files' ``backbones``
+    blocks (e.g. CoOp's published RN50 setting in ``configs/coop/fewshot.yaml``).
 
     ``shots``/``dataset`` select ``max_epoch`` from ``train.shots_epochs`` / ``train.dataset_epochs``
     when neither the user file nor an override sets ``max_epoch``, and ``max_steps`` from
@@ -264,10 +325,11 @@ def resolve_config(method: str, protocol: Optional[str] = None,
     if protocol:
         packaged = protocol_config_file(method, protocol)
         if packaged is not None:
-            _merge_file(config, _read_yaml(packaged), str(packaged), dataset)
+            _merge_file(config, _read_yaml(packaged), str(packaged), dataset, backbone=backbone)
     explicit: set = set()
     if config_file:
-        _merge_file(config, _read_yaml(config_file), str(config_file), dataset, explicit)
+        _merge_file(config, _read_yaml(config_file), str(config_file), dataset, explicit,
+                    backbone)
     for item in overrides:
         section, key, value = parse_override(item, config)
         config[section][key] = value

@@ -260,8 +260,20 @@ def _groups(records: Sequence[RunRecord], protocols: Sequence[Optional[str]]):
     return groups
 
 
+def _transductive(method: str) -> bool:
+    """Whether a method trains transductively (on the unlabeled images of every class): its
+    rows are labelled and its averages kept out of the inductive methods' summary."""
+    from .methods import get_method
+
+    try:
+        return bool(get_method(method.split(" [")[0].split(" (")[0]).transductive)
+    except (KeyError, ValueError):
+        return False
+
+
 def _label(method: str, backbone: str, backbones: set[str]) -> str:
-    return f"{method} ({backbone})" if len(backbones) > 1 else method
+    label = f"{method} ({backbone})" if len(backbones) > 1 else method
+    return f"{label} [transductive]" if _transductive(method) else label
 
 
 def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
@@ -269,7 +281,7 @@ def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
     Average row; with several methods, a summary of their Average rows."""
     groups = _groups(records, ["base2new"])
     backbones = {b for _, b in groups}
-    tables, summary = [], []
+    tables, summary, transductive = [], [], []
     for (method, backbone), recs in groups.items():
         label = _label(method, backbone, backbones)
         table = Table("base2new", f"Base-to-new: {label}", ["Base", "New", "HM"])
@@ -296,11 +308,17 @@ def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
         if bases:
             b, n = _mean_of(bases), _mean_of(news)
             plural = "s" if len(bases) > 1 else ""
-            summary.append((f"{label} ({len(bases)} dataset{plural})",
-                            [b, n, Stat(harmonic_mean(b.mean, n.mean), None, min(b.n, n.n))]))
+            row = (f"{label} ({len(bases)} dataset{plural})",
+                   [b, n, Stat(harmonic_mean(b.mean, n.mean), None, min(b.n, n.n))])
+            (transductive if _transductive(method) else summary).append(row)
         tables.append(table)
     if len(summary) > 1:
         tables.append(Table("base2new", "Base-to-new: averages", ["Base", "New", "HM"], summary,
+                            row_header="method"))
+    if transductive and summary:  # trained on the new classes' unlabeled images: apart
+        tables.append(Table("base2new", "Base-to-new: transductive methods (trained on the "
+                            "unlabeled images of the new classes too; not comparable with the "
+                            "averages above)", ["Base", "New", "HM"], transductive,
                             row_header="method"))
     return tables
 

@@ -27,11 +27,11 @@ from vlprompt.clip.tokenizer import tokenize
 from vlprompt.methods import build_method
 
 METHODS = ["coop", "cocoop", "kgcoop", "maple", "ivlp", "vpt", "promptsrc", "comma", "dpt",
-           "mma", "tcp", "prograd", "coprompt", "hicropl"]
+           "mma", "tcp", "prograd", "coprompt", "hicropl", "mmrl"]
 EXTRACTOR = "image_encoder.transformer.extractor"
 #: methods whose official files hold no token_prefix/token_suffix (MMA keeps whole-prompt
 #: buffers, token_embedding and tokenized_prompts, which its load_model deletes)
-NO_TOKENS = ("vpt", "mma")
+NO_TOKENS = ("vpt", "mma", "mmrl")
 #: method settings for the 3-block test CLIP (MMA's blocks 4..11 would be capped to one)
 FIELDS = {"mma": {"adapter_start": 0, "adapter_end": 2},
           "hicropl": {"n_ctx": 2, "depth": 3, "cross_layer": 1}}
@@ -39,7 +39,8 @@ FIELDS = {"mma": {"adapter_start": 0, "adapter_end": 2},
 #: constant warmup when WARMUP_EPOCH > 0), and whether its Dassl writes ``val_result``
 SAVES = {"mma": {"optim": "sgd", "warmup": False},  # vit_b16_ep5.yaml: WARMUP_EPOCH 0
          "tcp": {"optim": "adam"},  # Adam, eps 1e-3 (its README's Dassl patch)
-         "prograd": {"val_result": False}}  # Dassl.ProGrad.pytorch save_model
+         "prograd": {"val_result": False},
+         "mmrl": {"optim": "adamw"}}  # vit_b16.yaml: AdamW  # Dassl.ProGrad.pytorch save_model
 
 
 class ConstantWarmupScheduler(LRScheduler):
@@ -190,6 +191,17 @@ def official_states(name: str, method, clip) -> dict[str, OrderedDict]:
         # CUSTOM_TEMPLATES: "X X X X" then the dataset's words after the context
         sd.update(_tokens(clip, names, " ".join(["X"] * n), n, method.suffix))
         return {"prompt_learner": sd}
+    if name == "mmrl":  # the whole CustomCLIP, the learner cast to CLIP's dtype (fp32: amp)
+        sd = OrderedDict({"representation_learner.compound_rep_tokens": s["rep_tokens"].clone()})
+        for ours, theirs in (("to_vision", "r2vproj"), ("to_text", "r2tproj")):
+            for j in range(len(method.layers)):
+                for k in ("weight", "bias"):
+                    sd[f"representation_learner.compound_rep_tokens_{theirs}.{j}.{k}"] = \
+                        s[f"{ours}.{j}.{k}"].clone()
+        tokens = tokenize([method.template.format(c) for c in names], clip.context_length)
+        sd["prompt_embeddings"] = clip.token_embedding(tokens).detach()
+        sd.update(_custom_clip(clip, {"image_encoder.proj_rep": s["rep_proj"].clone()}))
+        return {"MultiModalRepresentationLearner": sd}
     if name == "prograd":
         n = s["ctx"].shape[0]
         # CTX_INIT True: the template without " {}." fills the last w of n slots, "X" before
@@ -296,11 +308,13 @@ def _dpt(method, s: dict, clip) -> dict[str, OrderedDict]:
 
 def _optimizer_entries(state: OrderedDict, max_epoch: int, optim: str = "sgd",
                        warmup: bool = True) -> tuple[dict, dict]:
-    """Dassl's optimiser/scheduler state dicts for a model (SGD or Adam, cosine, by default
+    """Dassl's optimiser/scheduler state dicts for a model (SGD, Adam or AdamW, cosine, by default
     inside a constant warmup; one step taken so that momentum buffers exist)."""
     params = [nn.Parameter(v.float().clone()) for v in state.values() if v.is_floating_point()]
     if optim == "adam":
         opt = torch.optim.Adam(params, lr=0.002, eps=1e-3, weight_decay=5e-4)
+    elif optim == "adamw":
+        opt = torch.optim.AdamW(params, lr=0.001, weight_decay=5e-4)
     else:
         opt = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(max_epoch))

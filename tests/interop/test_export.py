@@ -133,8 +133,10 @@ def test_dassl_export_round_trip(name, world, batch, tmp_path, capsys):
                   "meta_net.linear1.weight", "meta_net.linear1.bias"}
         frozen = ("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder.",
                   "model_distill.")
-        # deleted above, as the official loader does (MMA's loader: its prompt buffers)
-        tokens = ("token_prefix", "token_suffix", "token_embedding", "tokenized_prompts")
+        # deleted above, as the official loader does (MMA's loader: its prompt buffers; MMRL's:
+        # its template embeddings)
+        tokens = ("token_prefix", "token_suffix", "token_embedding", "tokenized_prompts",
+                  "prompt_embeddings")
         assert all(k in unused or k.endswith(tokens) or (k.startswith(frozen) and "VPT" not in k)
                    for k in result.missing_keys), result.missing_keys
         assert read_official_file(path)["epoch"] == 5

@@ -276,3 +276,23 @@ def test_hicropl_ctx_alias_must_agree(world, batch, tmp_path):
     with pytest.raises(ValueError, match=r"model.pth.tar-5: prompt_learner.ctx, prompt_learner."
                                          r"cross_prompts_text.0 all map to text.ctx but differ"):
         load_official(tmp_path / "out", "hicropl", world.clip, world.classnames, None)
+
+
+def test_mmrl_blocks_from_log_are_one_based(world, batch, tmp_path):
+    """REP_LAYERS [2, 3] (1-based) are vlprompt's blocks [1, 2]; r2vproj.<j> is the j-th."""
+    ref = random_method("mmrl", world.clip, world.classnames, rep_layers=[1, 2],
+                        template=world.template)
+    out = tmp_path / "mmrl"
+    write_official(out, official_states("mmrl", ref, world.clip), method="mmrl")
+    write_log(out, "MMRL", {"TRAINER": {"NAME": "MMRL", "MMRL": {
+        "N_REP_TOKENS": 5, "REP_DIM": 512, "REP_LAYERS": [2, 3], "ALPHA": 0.7,
+        "REG_WEIGHT": 6.0, "PREC": "amp"}}, "DATASET": {"NAME": "EuroSAT", "NUM_SHOTS": 16}})
+    oc = load_official(out, "mmrl", world.clip, world.classnames, world.template,
+                       dataset="eurosat")
+    assert oc.fields["rep_layers"] == [1, 2] and oc.fields["reg_weight"] == 6.0
+    assert oc.method.layers == [1, 2]
+    with torch.no_grad():
+        assert torch.equal(oc.method(batch), ref(batch))
+    from vlprompt.interop.mapping import dassl_config
+    written = dassl_config(layout_of(get_method("mmrl")), oc.fields)
+    assert written["TRAINER.MMRL.REP_LAYERS"] == [2, 3]

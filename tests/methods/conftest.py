@@ -67,3 +67,59 @@ def description_files(tmp_path_factory):
     TINY_OVERRIDES["hicropl"] = {"descriptions": str(folder),
                                  "description_dataset": DESCRIPTION_DATASET}
     return folder
+
+
+#: the PromptKD teacher's tiny CLIP: its own embedding width, so the projector's widths are
+#: derived from the two backbones
+TEACHER_TINY = CLIPConfig(embed_dim=48, image_size=32, patch_size=8, vision_width=64,
+                          vision_layers=2, vision_heads=2, text_width=64, text_layers=2,
+                          text_heads=2)
+
+
+def write_teacher_run(folder, steps: int = 150, seed: int = 3, config: CLIPConfig = TEACHER_TINY,
+                      image_size: int = 32):
+    """A finished vlprompt run folder of PromptSRC on its own tiny CLIP, trained ``steps`` SGD
+    steps on the colour task at ``image_size`` (a distillation student can only learn what its
+    teacher knows)."""
+    from vlprompt.clip.load import load_clip, save_clip
+    from vlprompt.engine import checkpoint as ckpt
+    from vlprompt.methods import build_method
+
+    torch.manual_seed(seed)
+    path = save_clip(build_clip(config), folder / "teacher_clip.safetensors")
+    clip = load_clip(path)
+    teacher = build_method("promptsrc", clip, CLASSNAMES + NEW_CLASSNAMES)
+    teacher.set_classnames(CLASSNAMES)
+    opt = torch.optim.SGD(teacher.param_groups(0.01), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    teacher.train()
+    for step in range(steps):
+        x, y = colour_batch(8, gen)
+        if image_size != 32:
+            x = torch.nn.functional.interpolate(x, size=image_size)
+        loss, _ = teacher.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    run = folder / "teacher_run"
+    header = ckpt.make_header(teacher, str(path), 1, {"finished": True, "max_epoch": 1})
+    ckpt.save_checkpoint(run, teacher, header)
+    return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def promptkd_teacher(tmp_path_factory):
+    """A trained PromptSRC teacher run, wired into TINY_OVERRIDES for ``promptkd``."""
+    run = write_teacher_run(tmp_path_factory.mktemp("promptkd_teacher"))
+    TINY_OVERRIDES["promptkd"] = {"teacher": str(run)}
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory):
+    """A tiny random SigLIP (no CLS token, attention-pooling head, bidirectional text pooled at
+    the last position, sigmoid head with a bias) with its SentencePiece tokenizer."""
+    from ..siglip_tiny import make_tiny_siglip
+
+    return make_tiny_siglip(tmp_path_factory.mktemp("tiny_siglip"))

@@ -322,9 +322,10 @@ BASELINES = ["cocoop", "kgcoop", "vpt", "maple", "ivlp", "promptsrc"]
 @pytest.mark.parametrize("protocol", ["base2new", "fewshot", "xd"])
 def test_shipped_configs_load_and_validate(name, protocol):
     data = yaml.safe_load((CONFIG_DIR / name / f"{protocol}.yaml").read_text())
-    assert {"method", "train"} <= set(data) <= {"method", "train", "datasets"}
+    assert {"method", "train"} <= set(data) <= {"method", "train", "datasets", "backbones"}
     cfg = make_config(get_method(name), data["method"])
-    for block in (data.get("datasets") or {}).values():  # per-dataset settings validate too
+    blocks = [*(data.get("datasets") or {}).values(), *(data.get("backbones") or {}).values()]
+    for block in blocks:  # per-dataset and per-backbone settings validate too
         make_config(get_method(name), {**data["method"], **block.get("method", {})})
     assert dataclasses.is_dataclass(cfg)
     train = data["train"]

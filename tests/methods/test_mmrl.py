@@ -49,7 +49,7 @@ def _reference(method, images, labels):
     k, R = cfg.n_rep_tokens, method.rep_tokens
 
     def projected(tower):
-        return {i: R @ tower[str(i)].weight.t() + tower[str(i)].bias for i in method.layers}
+        return {i: R @ tower[j].weight.t() + tower[j].bias for j, i in enumerate(method.layers)}
     tokens = tokenize([TEMPLATE.format(c) for c in method.classnames])
     text = ref.encode_text(clip, tokens, before=ref.inserting(projected(method.to_text)),
                            eot_offset=k)
@@ -172,10 +172,10 @@ def test_initialisation(tiny_clip):
     dv = tiny_clip.vision_width
     assert abs(float(method.rep_proj.detach().std()) - dv ** -0.5) < 0.2 * dv ** -0.5
     for tower in (method.to_vision, method.to_text):  # one Linear cloned per block, as released
-        assert torch.equal(tower["0"].weight, tower["1"].weight)
-        assert torch.equal(tower["0"].bias, tower["1"].bias)
+        assert torch.equal(tower[0].weight, tower[1].weight)
+        assert torch.equal(tower[0].bias, tower[1].bias)
         bound = method.config.rep_dim ** -0.5  # nn.Linear's default: U(+-1/sqrt(fan_in))
-        assert float(tower["0"].weight.detach().abs().max()) <= bound
+        assert float(tower[0].weight.detach().abs().max()) <= bound
     copied = _mmrl(tiny_clip, rep_proj_init="copy_proj")
     assert torch.equal(copied.rep_proj, tiny_clip.visual.proj)
     assert copied.rep_proj.data_ptr() != tiny_clip.visual.proj.data_ptr()
@@ -192,8 +192,9 @@ def test_insertion_points_and_lengths_at_vit_b16_shapes(vit_b16_mmrl):
     """202 image tokens and 82 text tokens from block 5 on (METHODS-SOTA.md §5)."""
     method, clip = vit_b16_mmrl, vit_b16_mmrl.clip
     assert method.layers == list(range(5, 12))
-    assert method.to_vision["5"].weight.shape == (768, 512)
-    assert method.to_text["11"].weight.shape == (512, 512)
+    assert len(method.to_vision) == len(method.to_text) == 7  # one per block, in block order
+    assert method.to_vision[0].weight.shape == (768, 512)
+    assert method.to_text[6].weight.shape == (512, 512)
     assert method.rep_proj.shape == (768, 512) and method.rep_tokens.shape == (5, 512)
     lengths = []
 
@@ -212,7 +213,7 @@ def test_insertion_points_and_lengths_at_vit_b16_shapes(vit_b16_mmrl):
 
 def test_layers_are_capped_on_shallow_towers(tiny_clip, caplog):
     method = build_method("mmrl", tiny_clip, CLASSNAMES)
-    assert method.layers == [1] and list(method.to_text) == list(method.to_vision) == ["1"]
+    assert method.layers == [1] and len(method.to_text) == len(method.to_vision) == 1
     assert "exceed" in caplog.text
 
 

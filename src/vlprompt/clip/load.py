@@ -2,13 +2,21 @@
 
 Accepted: OpenAI TorchScript archives (``ViT-B-16.pt`` as OpenAI ships it), plain state dicts in
 ``.pt/.pth/.bin/.safetensors`` (also nested under ``state_dict`` / ``model``, with or without a
-``module.`` prefix), open_clip checkpoints, and Hugging Face ``CLIPModel`` folders. Named
+``module.`` prefix), open_clip checkpoints, Hugging Face ``CLIPModel`` folders and Hugging Face
+``SiglipModel`` folders (SigLIP, and the fixed-resolution SigLIP 2 checkpoints, which are
+``model_type: siglip``; their tokenizer is read from the folder too). Named
 backbones resolve to the cache folder (``$VLPROMPT_CACHE``, default ``~/.cache/vlprompt``) and are
 downloaded only when the network is there; otherwise the error names the file and where to put it.
+
+Image towers: ViTs and the ResNets (RN50, RN101, RN50x4/x16/x64; ``clip/resnet.py``), told apart
+and sized from the tensors. What tensors cannot show (heads that are not width // 64, the
+activation) comes from an explicit architecture: ``open_clip:<architecture>[:<file>]`` specs
+(``clip/open_clip_architectures.json``) or ``load_clip(..., config=...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +25,7 @@ import re
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +36,7 @@ from .fingerprint import (attach_fingerprint, backbone_fingerprint,  # noqa: F40
                           fingerprint_matches, legacy_state_checksum, source_dtype,
                           state_checksum, weights_fingerprint)
 from .model import CLIP, CLIPConfig
+from .tokenizer import folder_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +48,12 @@ OPENAI_MODELS = {
     "ViT-L/14": ("ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
     "ViT-L/14@336px": ("ViT-L-14-336px.pt",
                        "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"),
+    # the ResNet CLIPs (openai/CLIP clip/clip.py _MODELS: the URL's path component is the sha256)
+    "RN50": ("RN50.pt", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
+    "RN101": ("RN101.pt", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599"),
+    "RN50x4": ("RN50x4.pt", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd"),
+    "RN50x16": ("RN50x16.pt", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa"),
+    "RN50x64": ("RN50x64.pt", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c"),
 }
 #: other spellings users type (open_clip, Hugging Face) -> canonical name
 _ALIASES = {
@@ -47,6 +62,8 @@ _ALIASES = {
     "vit-l-14": "ViT-L/14", "vit-l/14": "ViT-L/14", "openai/clip-vit-large-patch14": "ViT-L/14",
     "vit-l-14-336": "ViT-L/14@336px", "vit-l/14@336px": "ViT-L/14@336px",
     "vit-l-14@336px": "ViT-L/14@336px", "openai/clip-vit-large-patch14-336": "ViT-L/14@336px",
+    "rn50": "RN50", "rn101": "RN101", "rn50x4": "RN50x4", "rn50x16": "RN50x16",
+    "rn50x64": "RN50x64", "rn-50": "RN50", "rn-101": "RN101",
 }
 # Keys some formats carry that are not weights (OpenAI JIT scalars, open_clip's mask buffer).
 _IGNORED_KEYS = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
@@ -73,14 +90,17 @@ def resolve_backbone(name_or_path: Union[str, os.PathLike], download: bool = Tru
     downloaded (SHA-256 checked) when ``download`` and the network allow; otherwise a
     ``FileNotFoundError`` names the URL and the exact place to put the file.
     """
+    open_clip = parse_open_clip_spec(name_or_path)
+    if open_clip is not None:
+        return _resolve_open_clip(*open_clip)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = canonical_backbone_name(str(name_or_path))
     if name is None:
-        known = ", ".join(OPENAI_MODELS)
-        raise FileNotFoundError(f"backbone {str(name_or_path)!r} is neither an existing file or folder "
-                                f"nor a known name ({known})")
+        known = ", ".join(OPENAI_MODELS) + ", open_clip:<architecture>[:<file>]"
+        raise FileNotFoundError(f"backbone {str(name_or_path)!r} is neither an existing file or "
+                                f"folder nor a known name ({known})")
     filename, sha = OPENAI_MODELS[name]
     target = cache_dir() / filename
     if target.exists():
@@ -154,7 +174,9 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[dict[str, Tensor], d
                              f"re-save the model with save_clip") from err
     if any(k.startswith(("text_model.", "vision_model.")) for k in state):
         state = convert_hf_state_dict(state)
-    return {k: v for k, v in state.items() if k not in _IGNORED_KEYS}, meta
+    # BatchNorm's step counter is training state, not a weight (the frozen ResNet has none)
+    return {k: v for k, v in state.items()
+            if k not in _IGNORED_KEYS and not k.endswith(".num_batches_tracked")}, meta
 
 
 def _read_raw(path: Path) -> tuple[object, dict]:
@@ -277,8 +299,39 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Tensor], dict]:
             break
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    model_type = hf.get("model_type", "clip")
+    if model_type == "siglip2":
+        raise ValueError(f"{folder}: SigLIP 2 NaFlex (model_type 'siglip2', variable resolution "
+                         f"and aspect ratio) is not supported; the fixed-resolution SigLIP 2 "
+                         f"checkpoints (model_type 'siglip') are")
     state, _ = _read_weights_file(weights)
     text, vision = hf.get("text_config", {}), hf.get("vision_config", {})
+    if model_type == "siglip":  # Hugging Face's SiglipConfig defaults where config.json omits
+        act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+               "quick_gelu": "quick_gelu"}
+        hidden_act = text.get("hidden_act", "gelu_pytorch_tanh")
+        if hidden_act not in act or vision.get("hidden_act", hidden_act) != hidden_act:
+            raise ValueError(f"{folder}: SigLIP activation {hidden_act!r} / "
+                             f"{vision.get('hidden_act')!r} is not supported")
+        meta = {"text_heads": text.get("num_attention_heads", 12),
+                "vision_heads": vision.get("num_attention_heads", 12),
+                "activation": act[hidden_act],
+                "layer_norm_eps": text.get("layer_norm_eps", 1e-6),
+                "text_causal": False, "text_pool": "last", "hf_model_type": "siglip"}
+        # the pixel normalisation it was trained with (SiglipImageProcessor: mean = std = 0.5);
+        # the tower converts vlprompt's pipeline normalisation to it
+        try:
+            pre = json.loads((folder / "preprocessor_config.json").read_text())
+        except (OSError, ValueError):
+            pre = {}
+        meta["image_mean"] = tuple(pre.get("image_mean") or (0.5, 0.5, 0.5))
+        meta["image_std"] = tuple(pre.get("image_std") or (0.5, 0.5, 0.5))
+        if vision.get("layer_norm_eps", meta["layer_norm_eps"]) != meta["layer_norm_eps"]:
+            raise ValueError(f"{folder}: the SigLIP towers' layer_norm_eps differ")
+        if not vision.get("vision_use_head", True):
+            raise ValueError(f"{folder}: a SigLIP vision tower without its pooling head "
+                             f"(vision_use_head false) has no image feature")
+        return convert_hf_state_dict(state), meta
     meta = {"text_heads": text.get("num_attention_heads", 8),
             "vision_heads": vision.get("num_attention_heads", 12),
             "activation": "quick_gelu" if text.get("hidden_act", "quick_gelu") == "quick_gelu" else "gelu"}
@@ -286,7 +339,11 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Hugging Face ``CLIPModel`` keys -> OpenAI keys (q/k/v fused, projections transposed)."""
+    """Hugging Face ``CLIPModel`` / ``SiglipModel`` keys -> OpenAI keys (q/k/v fused, projections
+    transposed). SigLIP's own tensors: ``text_model.head`` -> ``text_projection`` (transposed) and
+    ``text_projection_bias``, the patch embedding's bias -> ``visual.conv1.bias``,
+    ``vision_model.head.*`` (attention pooling) -> ``visual.map_head.*``, ``logit_bias``; its
+    ``[1]``-shaped logit scale and bias become scalars."""
     out: dict[str, Tensor] = {}
     towers = {"text_model.encoder.layers.": "transformer.resblocks.",
               "vision_model.encoder.layers.": "visual.transformer.resblocks."}
@@ -303,14 +360,28 @@ def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
         "vision_model.post_layernorm.weight": "visual.ln_post.weight",
         "vision_model.post_layernorm.bias": "visual.ln_post.bias",
         "logit_scale": "logit_scale",
+        # SigLIP
+        "vision_model.embeddings.patch_embedding.bias": "visual.conv1.bias",
+        "text_model.head.bias": "text_projection_bias",
+        "vision_model.head.probe": "visual.map_head.probe",
+        "logit_bias": "logit_bias",
     }
+    map_head = {"vision_model.head.attention.": "visual.map_head.attn.",
+                "vision_model.head.layernorm.": "visual.map_head.ln.",
+                "vision_model.head.mlp.fc1.": "visual.map_head.mlp.c_fc.",
+                "vision_model.head.mlp.fc2.": "visual.map_head.mlp.c_proj."}
     block = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
              "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
     qkv: dict[str, dict[str, Tensor]] = {}
     for key, value in hf.items():
-        if key in direct:
+        head = next((p for p in map_head if key.startswith(p)), None)
+        if key in ("logit_scale", "logit_bias"):
+            out[key] = value.reshape(())
+        elif key in direct:
             out[direct[key]] = value
-        elif key == "text_projection.weight":
+        elif head is not None:
+            out[map_head[head] + key[len(head):]] = value
+        elif key in ("text_projection.weight", "text_model.head.weight"):
             out["text_projection"] = value.t().contiguous()
         elif key == "visual_projection.weight":
             out["visual.proj"] = value.t().contiguous()
@@ -338,36 +409,70 @@ def convert_hf_state_dict(hf: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _siglip_options(state: dict[str, Tensor]) -> dict:
+    """The SigLIP options the tensors show (absent tensors: OpenAI's structure). Text attention,
+    pooling, layer-norm eps and activation are not visible in tensors: they come from the
+    folder's config.json or the file's metadata."""
+    return dict(vision_class_token="visual.class_embedding" in state,
+                vision_ln_pre="visual.ln_pre.weight" in state,
+                vision_pool="map" if "visual.map_head.probe" in state else "cls",
+                vision_proj="visual.proj" in state,
+                patch_bias="visual.conv1.bias" in state,
+                text_proj_bias="text_projection_bias" in state,
+                logit_bias="logit_bias" in state)
+
+
 def infer_config(state: dict[str, Tensor], meta: Optional[dict] = None) -> CLIPConfig:
     """Architecture from tensor shapes (the OpenAI rule: heads = width // 64), overridden by
-    metadata when the file carries it."""
+    metadata when the file carries it. ViT and ResNet image towers (a ResNet is recognised by
+    ``visual.layer1.0.conv1.weight``, its architecture read as OpenAI's ``build_model`` does).
+    Head counts that are not width // 64 (open_clip ViT-H/g/bigG) cannot be seen in tensors:
+    load those by name (``open_clip:ViT-H-14:<file>``) or with an explicit config."""
     meta = dict(meta or {})
-    required = ["visual.conv1.weight", "visual.positional_embedding", "text_projection",
-                "token_embedding.weight", "positional_embedding", "ln_final.weight"]
+    resnet = "visual.layer1.0.conv1.weight" in state
+    vision_keys = (["visual.attnpool.positional_embedding"] if resnet
+                   else ["visual.conv1.weight", "visual.positional_embedding"])
+    required = vision_keys + ["text_projection", "token_embedding.weight", "positional_embedding",
+                              "ln_final.weight"]
     missing = [k for k in required if k not in state]
     if missing:
-        hint = " (ResNet CLIPs are not supported)" if any("attnpool" in k for k in state) else ""
-        raise ValueError(f"not a CLIP ViT checkpoint{hint}: missing {', '.join(missing)}")
+        family = "ResNet" if resnet else "ViT"
+        raise ValueError(f"not a CLIP {family} checkpoint: missing {', '.join(missing)}")
 
     def count(prefix: str) -> int:
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
         return len({m.group(1) for k in state if (m := pattern.match(k))})
 
-    vision_width, _, patch, _ = state["visual.conv1.weight"].shape
-    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    def mlp_width(prefix: str, width: int) -> int:  # 0: the default 4 x width
+        weight = state.get(f"{prefix}0.mlp.c_fc.weight")
+        return 0 if weight is None or weight.shape[0] == 4 * width else int(weight.shape[0])
+
     text_width = state["ln_final.weight"].shape[0]
+    if resnet:
+        # stem width = layer1's planes; attention pool over 32 x width channels on an S/32 grid
+        vision_width = state["visual.layer1.0.conv1.weight"].shape[0]
+        grid = round((state["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        vision = dict(vision_kind="resnet", image_size=grid * 32, vision_width=vision_width,
+                      vision_heads=vision_width * 32 // 64,
+                      vision_stage_layers=tuple(count(f"visual.layer{b}.") for b in (1, 2, 3, 4)))
+    else:
+        vision_width, _, patch, _ = state["visual.conv1.weight"].shape
+        cls = "visual.class_embedding" in state  # SigLIP's tower has no class token
+        grid = round((state["visual.positional_embedding"].shape[0] - int(cls)) ** 0.5)
+        vision = dict(image_size=patch * grid, patch_size=patch, vision_width=vision_width,
+                      vision_layers=count("visual.transformer.resblocks."),
+                      vision_heads=max(1, vision_width // 64),
+                      vision_mlp_width=mlp_width("visual.transformer.resblocks.", vision_width),
+                      **_siglip_options(state))
     config = CLIPConfig(
         embed_dim=state["text_projection"].shape[1],
-        image_size=patch * grid,
-        patch_size=patch,
-        vision_width=vision_width,
-        vision_layers=count("visual.transformer.resblocks."),
-        vision_heads=max(1, vision_width // 64),
+        **vision,
         context_length=state["positional_embedding"].shape[0],
         vocab_size=state["token_embedding.weight"].shape[0],
         text_width=text_width,
         text_layers=count("transformer.resblocks."),
         text_heads=max(1, text_width // 64),
+        text_mlp_width=mlp_width("transformer.resblocks.", text_width),
     )
     fields = set(config.to_dict())
     for key, value in meta.items():
@@ -378,8 +483,17 @@ def infer_config(state: dict[str, Tensor], meta: Optional[dict] = None) -> CLIPC
 
 def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
               dtype: Optional[torch.dtype] = None, activation: Optional[str] = None,
-              download: bool = True) -> CLIP:
-    """Load a CLIP ViT from a name (``ViT-B/16``), a file or a Hugging Face folder.
+              download: bool = True,
+              config: Union[CLIPConfig, dict, str, os.PathLike, None] = None) -> CLIP:
+    """Load a CLIP from a name (``ViT-B/16``, ``RN50``), a file, a Hugging Face folder, or an
+    open_clip spec ``open_clip:<architecture>[:<file>]`` (``open_clip:ViT-H-14:/models/
+    open_clip_pytorch_model.bin``: the architecture from ``open_clip_architectures.json``).
+
+    The architecture is inferred from the tensors unless ``config`` (or an open_clip spec) gives
+    it: a ``CLIPConfig``, a dict of its fields or an open_clip model config, an open_clip table
+    name, or the path of an open_clip model-config ``.json``. An explicit architecture is checked
+    against the tensors (keys and shapes; one-line ``ValueError`` on a mismatch) and is needed
+    where the tensors cannot tell, e.g. heads that are not width // 64 (ViT-H-14: 16 of 80).
 
     The model is returned frozen (``requires_grad=False``) and in eval mode. Weights are kept in
     fp32 unless ``dtype`` says otherwise (OpenAI archives are fp16; vlprompt's reference semantics
@@ -388,26 +502,44 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
     """
     path = resolve_backbone(name_or_path, download=download)
     state, meta = read_checkpoint(path)
+    open_clip = parse_open_clip_spec(name_or_path)
+    if config is None and open_clip is not None:
+        config = open_clip[0]
     if activation:
         meta["activation"] = activation
     try:
-        config = infer_config(state, meta)
+        if config is None:
+            config, source = infer_config(state, meta), "the inferred architecture"
+        else:
+            config, source = explicit_config(config), f"the given architecture ({config})"
+            if activation:
+                config.activation = activation
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
-    model = CLIP(config)
+    try:
+        model = CLIP(config)
+    except ValueError as err:  # e.g. a width the given heads do not divide
+        raise ValueError(f"{path}: {source} cannot be built: {err}") from err
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match a CLIP ViT of the inferred architecture "
+        raise ValueError(f"{path}: weights do not match a CLIP of {source} "
                          f"({config}). Missing keys ({len(missing)}): {missing[:10]}; unexpected "
                          f"keys ({len(unexpected)}): {unexpected[:10]}")
     for key, tensor in state.items():
         target = model.state_dict()[key]
         if tensor.shape != target.shape:
             raise ValueError(f"{path}: tensor {key} has shape {tuple(tensor.shape)}, expected "
-                             f"{tuple(target.shape)} for the inferred architecture")
+                             f"{tuple(target.shape)} for {source}")
     model.load_state_dict({k: v.float() for k, v in state.items()})
+    if meta.get("hf_model_type") == "siglip":  # the folder's own SentencePiece / Gemma tokenizer
+        model.tokenizer = folder_tokenizer(path)
+    elif model.config.vision_pool == "map" and model.config.logit_bias:
+        # a SigLIP saved as one file: its weights without its tokenizer (OpenAI's BPE ids would
+        # index another vocabulary)
+        raise ValueError(f"{path}: a SigLIP model needs its own tokenizer, which only its Hugging "
+                         f"Face folder (spiece.model / tokenizer.json) holds; load the folder")
     model.source = str(path)  # recorded in checkpoints / results
     model.source_dtype = source_dtype(state.values())  # "float16" for OpenAI archives
     model.backbone_name = canonical_backbone_name(str(name_or_path)) or str(name_or_path)
@@ -419,6 +551,78 @@ def load_clip(name_or_path: Union[str, os.PathLike], device: Union[str, torch.de
     if known is None:
         remember_fingerprint(path, backbone_fingerprint(model))
     return model
+
+
+# --------------------------------------------------------------------------- explicit architectures
+OPEN_CLIP_PREFIX = "open_clip:"
+#: the file names open_clip checkpoints have on the Hugging Face hub, looked for in the cache
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def parse_open_clip_spec(spec: Union[str, os.PathLike]) -> Optional[tuple[str, Optional[str]]]:
+    """``open_clip:ViT-H-14:/path/file.bin`` -> ("ViT-H-14", "/path/file.bin");
+    ``open_clip:ViT-H-14`` -> ("ViT-H-14", None); any other spec -> None."""
+    text = str(spec)
+    if not text.startswith(OPEN_CLIP_PREFIX):
+        return None
+    arch, _, file = text[len(OPEN_CLIP_PREFIX):].partition(":")
+    if not arch:
+        raise ValueError(f"backbone {text!r}: expected open_clip:<architecture>[:<file>], e.g. "
+                         f"open_clip:ViT-H-14:/models/open_clip_pytorch_model.bin")
+    return arch, file or None
+
+
+def map_open_clip_paths(spec: Union[str, os.PathLike], resolve: Callable[[str], str]
+                        ) -> Optional[str]:
+    """An open_clip spec with its file (and an architecture given as a ``.json`` path) passed
+    through ``resolve`` (e.g. made absolute for a run record); None for other specs."""
+    parsed = parse_open_clip_spec(spec)
+    if parsed is None:
+        return None
+    arch, file = parsed
+    arch = resolve(arch) if arch.endswith(".json") else arch
+    return f"{OPEN_CLIP_PREFIX}{arch}" + (f":{resolve(file)}" if file is not None else "")
+
+
+def _resolve_open_clip(arch: str, file: Optional[str]) -> Path:
+    """The weights file of an open_clip spec: the given file, else the cache folder's
+    ``open_clip/<architecture>/`` (offline: open_clip names no single download per architecture,
+    so the error says where to put the file)."""
+    from .open_clip_archs import config_from_open_clip
+
+    config_from_open_clip(arch)  # an unknown or unsupported architecture fails first
+    if file is not None:
+        path = Path(file).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"backbone open_clip:{arch}: {path} does not exist")
+        return path
+    folder = cache_dir() / "open_clip" / Path(arch).stem
+    for name in OPEN_CLIP_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(
+        f"open_clip:{arch} weights are not in the cache: put the checkpoint "
+        f"({' or '.join(OPEN_CLIP_FILES)} from the model's Hugging Face repository, e.g. "
+        f"laion/CLIP-{arch}-...) in {folder}/, or "
+        f"pass the file: open_clip:{arch}:/path/to/open_clip_pytorch_model.bin")
+
+
+def explicit_config(config: Union[CLIPConfig, dict, str, os.PathLike]) -> CLIPConfig:
+    """A ``CLIPConfig`` from what ``load_clip(config=...)`` accepts: a ``CLIPConfig`` (copied), a
+    dict of its fields, an open_clip model-config dict, an open_clip architecture name
+    (``ViT-H-14``) or the path of an open_clip model-config ``.json``."""
+    from .open_clip_archs import config_from_open_clip
+
+    if isinstance(config, CLIPConfig):
+        return dataclasses.replace(config)
+    if isinstance(config, dict) and not {"vision_cfg", "vision"} & set(config):
+        names = {f.name for f in dataclasses.fields(CLIPConfig)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"unknown CLIPConfig field(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(names))}")
+        return CLIPConfig(**config)
+    return config_from_open_clip(config)
 
 
 # --------------------------------------------------------------------------- fingerprint cache

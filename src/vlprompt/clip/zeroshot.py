@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import CLIP
-from .tokenizer import tokenize
 
 
 @torch.no_grad()
@@ -32,7 +31,8 @@ def hand_crafted_text_features(clip: CLIP, classnames: Sequence[str],
         texts = [template.format(n) for n in names]
         feats = []
         for i in range(0, len(texts), batch_size):
-            tokens = tokenize(texts[i: i + batch_size], clip.context_length).to(device)
+            tokens = clip.tokenizer.tokenize(texts[i: i + batch_size],
+                                             clip.context_length).to(device)
             feats.append(clip.encode_text(tokens).float())
         f = torch.cat(feats)  # [C, E]
         if normalize_each:
@@ -42,7 +42,8 @@ def hand_crafted_text_features(clip: CLIP, classnames: Sequence[str],
 
 
 class ZeroShotClassifier(nn.Module):
-    """``logits = logit_scale.exp() * cos(image, text_c)`` over fixed class text features."""
+    """``logits = logit_scale.exp() * cos(image, text_c)`` over fixed class text features
+    (+ ``logit_bias`` for a sigmoid head, SigLIP: ``clip.add_logit_bias``)."""
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
                  templates: Union[str, Sequence[str]] = "a photo of a {}."):
@@ -54,7 +55,8 @@ class ZeroShotClassifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         image = F.normalize(self.clip.encode_image(images).float(), dim=-1)  # [B, E]
-        return self.clip.logit_scale.exp().float() * image @ self.text_features.t()  # [B, C]
+        logits = self.clip.logit_scale.exp().float() * image @ self.text_features.t()  # [B,C]
+        return self.clip.add_logit_bias(logits)
 
     @torch.no_grad()
     def predict(self, images: Tensor, topk: int = 5) -> tuple[Tensor, Tensor]:

@@ -214,13 +214,11 @@ def _content_key(clip: "CLIP", descriptions: Sequence[Sequence[str]]) -> str:
 @torch.no_grad()
 def _encode(clip: "CLIP", texts: list[str]) -> Tensor:
     """Normalised frozen text features [N, E] (float32, CPU), autocast off."""
-    from ..clip.tokenizer import tokenize
-
     device = clip.logit_scale.device
     feats = []
     with torch.autocast(device.type, enabled=False):
         for i in range(0, len(texts), _BATCH):
-            tokens = tokenize(texts[i: i + _BATCH], clip.context_length).to(device)
+            tokens = clip.tokenizer.tokenize(texts[i: i + _BATCH], clip.context_length).to(device)
             feats.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
     return torch.cat(feats)
 

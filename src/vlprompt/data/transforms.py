@@ -196,13 +196,14 @@ AUGMENTATIONS = ("standard", "resize_randaugment")
 
 def build_transform(train: bool, image_size: int = 224, fast_decode: bool = False,
                     generator: Optional[torch.Generator] = None, *, augment: str = "standard",
-                    views: int = 1):
+                    views: int = 1, crop_scale: Tuple[float, float] = (0.08, 1.0)):
     """The train or test pipeline: callable(path | PIL image) -> normalised ``[3, S, S]`` tensor
     (``[views, 3, S, S]`` for a training transform with ``views > 1``).
 
     ``augment`` (training only): "standard" = RandomResizedCrop + flip (``TrainTransform``, the
     CoOp-family default), "resize_randaugment" = Resize((S, S)) + Dassl's RandAugment(2, 10)
-    (``RandAugmentTransform``). Methods ask for theirs with the attributes ``train_augment`` and
+    (``RandAugmentTransform``); ``crop_scale`` is the standard crop's area range. Methods ask
+    for theirs with the attributes ``train_augment`` and
     ``train_views`` (the engine reads them; absent = "standard", 1 view).
 
     ``fast_decode`` opts into JPEG draft decoding (reduced-size DCT decode). It is much faster on
@@ -215,7 +216,8 @@ def build_transform(train: bool, image_size: int = 224, fast_decode: bool = Fals
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     if augment == "standard":
-        base = TrainTransform(image_size, fast_decode=fast_decode, generator=generator)
+        base = TrainTransform(image_size, scale=crop_scale, fast_decode=fast_decode,
+                              generator=generator)
     elif augment == "resize_randaugment":
         base = RandAugmentTransform(image_size, fast_decode=fast_decode, generator=generator)
     else:

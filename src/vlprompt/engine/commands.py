@@ -111,12 +111,16 @@ def cmd_methods(args) -> int:
         fields = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                   for f in dataclasses.fields(cls.Config)}
         rows.append({"name": name, "description": cls.description, "trainable": cls.trainable,
-                     "config": fields, "protocols": list_protocol_configs(name)})
+                     "transductive": cls.transductive, "config": fields,
+                     "protocols": list_protocol_configs(name)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         print(f"{row['name']:<12} {row['description']}")
+        if row["transductive"]:
+            print(f"{'':<12} transductive: trains on the unlabeled train images of all classes "
+                  f"(base and new); reported apart from inductive methods")
         fields = ", ".join(f"{k}={v!r}" for k, v in row["config"].items())
         print(f"{'':<12} fields: {fields or '(none)'}")
         if row["protocols"]:
@@ -151,7 +155,9 @@ def register(sub) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (e.g. eurosat) or a dataset .yaml")
     p.add_argument("--root", default=None,
                    help="data root holding the dataset folders (not needed for a .yaml dataset)")
-    p.add_argument("--backbone", default="ViT-B/16", help="CLIP name or weights file (default ViT-B/16)")
+    p.add_argument("--backbone", default="ViT-B/16",
+                   help="CLIP name (ViT-B/16, RN50, ...), weights file, or "
+                        "open_clip:<architecture>:<file> (default ViT-B/16)")
     p.add_argument("--shots", type=int, default=16,
                    help="training images per class (-1: all images; default 16)")
     p.add_argument("--seed", type=int, default=1,

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import __version__
-from ..config import RUNTIME_ONLY, TrainConfig, resolve_config
+from ..config import RUNTIME_ONLY, TrainConfig, backbone_config_name, resolve_config
 from . import checkpoint as ckpt
 from . import distributed as D
 from .evaluate import evaluate_method, format_result
@@ -88,6 +88,15 @@ def _writing(run: RunDir, device: torch.device):
 
 def _backbone_record(backbone) -> str:
     """A path is recorded absolute, so ``evaluate_run`` finds it from any working directory."""
+    from ..clip.load import map_open_clip_paths
+
+    def absolute(value: str) -> str:
+        file = Path(value).expanduser()
+        return str(file.resolve()) if file.exists() else value
+
+    spec = map_open_clip_paths(str(backbone), absolute)  # open_clip:<arch>:<file>
+    if spec is not None:
+        return spec
     path = Path(str(backbone)).expanduser()
     return str(path.resolve()) if path.exists() else str(backbone)
 
@@ -156,14 +165,14 @@ def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfi
     return Evaluation.from_dict({"dataset": dataset, "subsample": subsample, **entry})
 
 
-def _train_transform(model, image_size: int):
-    """The training views a method asks for: ``train_augment`` (default "standard": RRC + flip)
-    and ``train_views`` (default 1; V > 1 gives items ``[V, 3, S, S]``, batches
-    ``[B, V, 3, S, S]``), e.g. CoPrompt's two RandAugment views."""
+def _train_transform(model, image_size: int, crop_scale=(0.08, 1.0)):
+    """The training views a method asks for: ``train_augment`` (default "standard": RRC + flip,
+    its area range ``train.crop_scale``) and ``train_views`` (default 1; V > 1 gives items
+    ``[V, 3, S, S]``, batches ``[B, V, 3, S, S]``), e.g. CoPrompt's two RandAugment views."""
     from ..data import build_transform
 
     return build_transform(True, image_size, augment=getattr(model, "train_augment", "standard"),
-                           views=getattr(model, "train_views", 1))
+                           views=getattr(model, "train_views", 1), crop_scale=tuple(crop_scale))
 
 
 def _tell_dataset(model, dataset: Optional[str]) -> None:
@@ -256,13 +265,15 @@ def run_experiment(method: str, dataset: str, root: Optional[PathLike], backbone
     D.init_distributed(None if device is None else str(device))
     name = dataset_name(dataset, root)
     config = resolve_config(method, protocol, config_file, list(overrides), shots=shots,
-                            dataset=name)
+                            dataset=name, backbone=backbone_config_name(backbone, clip))
     config["train"]["seed"] = seed
     train_cfg = TrainConfig(**config["train"])
     run_info = {"method": method, "protocol": protocol, "dataset": name, "shots": shots,
                 "seed": seed, "subsample": subsample, "backbone": _backbone_record(backbone)}
     if name != str(dataset):
         run_info["dataset_spec"] = str(Path(dataset).expanduser().resolve())
+    if method_cls.transductive:  # trained on every class's unlabeled train images
+        run_info["transductive"] = True
     stored_config = {"run": run_info, **config}
     run = RunDir(run_dir)
     key = evaluation_key(name, subsample)
@@ -295,10 +306,16 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
     clip = _load_clip(backbone, device, clip)
     split = load_split(dataset_spec, root, shots=shots if method_cls.trainable else -1, seed=seed,
                        subsample=subsample, skip_missing=skip_missing)
-    train_records = (_verify_train_images(split.train, name, skip_missing)
+    # a transductive method trains on the unlabeled train images of every class
+    train_split = (load_split(dataset_spec, root, shots=-1, seed=seed, subsample="all",
+                              skip_missing=skip_missing)
+                   if method_cls.transductive else split)
+    train_records = (_verify_train_images(train_split.train, name, skip_missing)
                      if method_cls.trainable else [])
+    method_fields = _with_teacher(method_cls, config["method"], run, dataset_spec, root, run_info,
+                                  device, skip_missing)
     seed_everything(seed)
-    model = method_cls(clip, list(split.classnames), make_config(method_cls, config["method"]),
+    model = method_cls(clip, list(train_split.classnames), make_config(method_cls, method_fields),
                        template=method_template(method_cls, split, config["method"]))
     model.to(device)
     _tell_dataset(model, name)
@@ -308,14 +325,18 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
         logger.info("Run: %s", json.dumps(run_info))
         logger.info("Config: %s", json.dumps(config))
         logger.info("Loading dataset: %s (%s classes; %d train, %d test images)", name,
-                    len(split.classnames), len(train_records), len(split.test))
+                    len(train_split.classnames), len(train_records), len(split.test))
+        if method_cls.transductive:
+            logger.info("Transductive: training on the unlabeled train images of all %d "
+                        "classes; testing on the %d classes of %s", len(train_split.classnames),
+                        len(split.classnames), subsample)
         logger.info("Loading trainer: %s (%d trainable parameters)", run_info["method"],
                     model.num_trainable_parameters())
     header_extra = {"config": config, "dataset": name, "shots": shots, "seed": seed,
                     "subsample": subsample, "protocol": run_info["protocol"]}
     if method_cls.trainable:
-        train_set = ImageDataset(train_records, _train_transform(model, clip.image_size),
-                                 dataset=name)
+        transform = _train_transform(model, clip.image_size, train_cfg.crop_scale)
+        train_set = ImageDataset(train_records, transform, dataset=name)
         train_result = train_method(model, train_set, train_cfg, run_dir=run, device=device,
                                     resume=resume, backbone=run_info["backbone"],
                                     header_extra=header_extra, epoch_callback=epoch_callback,
@@ -329,6 +350,8 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
                                       {**header_extra, "max_epoch": 0, "finished": True})
             ckpt.save_checkpoint(run.path, model, header)
 
+    if list(train_split.classnames) != list(split.classnames):  # transductive: all -> tested
+        model.set_classnames(list(split.classnames))
     entry = _evaluate(model, split.test, split.classnames, clip.image_size, train_cfg, device,
                       name, subsample, skip_missing)
     results = RunResults(
@@ -343,6 +366,40 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
         logger.info("Elapsed: %s", time.strftime("%H:%M:%S", time.gmtime(time.time() - start)))
     D.barrier()
     return results
+
+
+def _with_teacher(method_cls, fields: dict, run: RunDir, dataset_spec, root, run_info: dict,
+                  device, skip_missing: bool) -> dict:
+    """The method fields, with ``teacher`` set to the folder of the run the method's
+    ``teacher_recipe`` asks for, trained first (or reused) in ``<run>/teacher/`` on the same
+    dataset, shots, seed and classes; the fields unchanged when the method asks for none."""
+    recipe = method_cls.teacher_recipe(fields)
+    if recipe is None:
+        return fields
+    folder = run.path / "teacher"
+    if D.is_main():
+        logger.info("%s: teacher run %s on %s in %s", run_info["method"], recipe.method,
+                    recipe.backbone, folder)
+    run_experiment(recipe.method, dataset_spec, root, recipe.backbone, folder,
+                   shots=run_info["shots"], seed=run_info["seed"],
+                   subsample=run_info["subsample"], config_file=recipe.config_file,
+                   overrides=recipe.overrides, device=device, skip_missing=skip_missing)
+    return {**fields, "teacher": str(folder)}
+
+
+def load_trained_method(run_dir: PathLike, classnames: Sequence[str], device="cpu"):
+    """The method of a finished run folder on its own backbone (loaded from the header's
+    record), classifying ``classnames``: e.g. the frozen teacher of a distillation method."""
+    folder = ckpt.resolve_run_folder(Path(run_dir).expanduser())
+    newest = ckpt.newest_generation(folder)
+    header = newest.header()
+    if not header.get("finished", True):
+        raise ValueError(f"{folder}: training did not finish (epoch {header.get('epoch')} of "
+                         f"{header.get('max_epoch')}); finish it before using it as a teacher")
+    clip = _load_clip(header["backbone"], torch.device(device))
+    model = _build_from_run(folder, ckpt.selected_generation(folder, newest), clip, classnames,
+                            header.get("template"), allow_class_mismatch=True)
+    return model.to(device)
 
 
 def _build_from_run(run_dir: Path, gen, clip, classnames: Sequence[str],

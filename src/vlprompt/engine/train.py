@@ -506,6 +506,37 @@ def _with_step_budget(config: TrainConfig, steps_per_epoch: int) -> TrainConfig:
     return dataclasses.replace(config, max_epoch=-(-config.max_steps // steps_per_epoch))
 
 
+def training_switches(config: TrainConfig):
+    """The runtime-only performance switches of a run (``perf.SWITCHES``) for its training
+    steps: activation checkpointing and ``torch.compile``."""
+    from ..perf import switches
+
+    return switches(activation_checkpointing=config.activation_checkpointing,
+                    compile_blocks=config.compile)
+
+
+def make_train_step(method, config: TrainConfig, device: Optional[torch.device] = None
+                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[float, dict]]:
+    """The engine's optimisation step as a function ``step(images, labels) -> (loss, parts)``:
+    the optimiser of ``config``, autocast, gradient accumulation and gradient combination exactly
+    as ``train_method`` runs them, without data loading or a run folder (``vlprompt bench``).
+    Call it inside ``training_switches(config)`` for the run's runtime switches."""
+    device = torch.device(device) if device is not None else method.device
+    method.to(device)
+    optimizer = build_optimizer(method, config)
+    amp_dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    params = list(method.named_trainable_parameters().values())
+    loop = _Loop(method, config, device, optimizer, params, scaler, amp_dtype, None,
+                 lambda progress: None)
+    set_epoch_lr(optimizer, 0, config)  # the first epoch's learning rate, as train_method
+    method.train()
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
+        return _step(loop, images.to(device), labels.to(device), "bench")
+    return step
+
+
 def train_method(method, dataset: Dataset, config: TrainConfig,
                  run_dir: Optional[Union[str, Path, RunDir]] = None,
                  device: Optional[torch.device] = None, resume: bool = True,
@@ -572,7 +603,7 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
 
         redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
     try:
-        with redirect:
+        with redirect, training_switches(config):
             while progress.epoch < config.max_epoch:
                 _run_epoch(loop, dataset, progress, bar, timing)
                 if config.select == "best_val":

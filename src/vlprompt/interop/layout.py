@@ -55,7 +55,8 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """An official config value written differently from the vlprompt field: ours = official +
-    ``offset`` (numbers: a 1-based block index is ``offset=-1``), or official + ``suffix``
+    ``offset`` (numbers, or each number of a list: a 1-based block index is ``offset=-1``), or
+    official + ``suffix``
     (text: a prompt prefix "a photo of a" that vlprompt holds as "a photo of a {}.")."""
 
     field: str

@@ -215,6 +215,13 @@ def coerce(value: Any, like: Any) -> Any:
     return value
 
 
+def _shifted(value: Any, offset: int) -> Any:
+    """A number, or each number of a list (a list of 1-based block indices), plus ``offset``."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) + offset for v in value]
+    return value + offset
+
+
 def field_of(spec: str | Setting) -> str:
     """The vlprompt field an entry of ``OfficialLayout.config`` sets."""
     return spec.field if isinstance(spec, Setting) else spec
@@ -232,7 +239,7 @@ def config_fields(layout: OfficialLayout, flat: dict, defaults: dict) -> dict[st
             value = ("" if value is None else str(value)) + spec.suffix
         value = coerce(value, defaults[field])
         if isinstance(spec, Setting) and spec.offset:
-            value += spec.offset
+            value = _shifted(value, spec.offset)
         out[field] = value
     return out
 
@@ -251,6 +258,6 @@ def dassl_config(layout: OfficialLayout, fields: dict) -> dict:
                 continue
             value = value[:-len(spec.suffix)]
         if isinstance(spec, Setting) and spec.offset:
-            value -= spec.offset
+            value = _shifted(value, -spec.offset)
         out[key] = value
     return out

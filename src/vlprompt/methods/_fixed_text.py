@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
-from ..clip.tokenizer import tokenize
+from ..perf import SWITCHES
 
 
 class TensorsFeatureCache:
@@ -33,7 +33,7 @@ class TensorsFeatureCache:
 
     def get(self, tensors: Sequence[Tensor], tokens: Tensor, compute: Callable[[], Tensor],
             active: bool = True) -> Tensor:
-        if torch.is_grad_enabled() or not active:
+        if torch.is_grad_enabled() or not active or not SWITCHES.cache_text_features:
             self._entry = None
             return compute()
         device = tokens.device
@@ -58,7 +58,8 @@ class FixedTextPrompts(nn.Module):
     def set_classnames(self, clip: CLIP, classnames: Sequence[str]) -> None:
         names = [c.replace("_", " ") for c in classnames]
         device = clip.logit_scale.device
-        tokens = tokenize([self.template.format(n) for n in names], clip.context_length)
+        tokens = clip.tokenizer.tokenize([self.template.format(n) for n in names],
+                                         clip.context_length)
         with torch.no_grad():
             embeddings = clip.embed_tokens(tokens.to(device))  # [C, L, Dt]
         self.register_buffer("tokens", tokens.to(device), persistent=False)
@@ -71,6 +72,6 @@ class FixedTextPrompts(nn.Module):
         **text_kwargs)``; cached while ``cache`` and no gradient is recorded, keyed on the
         ``learned`` tensors the features depend on."""
         def compute() -> Tensor:
-            return clip.encode_text_embeddings(self.embeddings, self.tokens.argmax(-1),
+            return clip.encode_text_embeddings(self.embeddings, clip.text_pool_indices(self.tokens),
                                                **text_kwargs)
         return self._cache.get(learned, self.tokens, compute, active=cache)

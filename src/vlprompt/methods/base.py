@@ -7,13 +7,30 @@ loading, optimisers, devices, logging or distributed training: the engine does t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple, Optional, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from ..perf import SWITCHES
+
+
+#: the image tower takes prompt tokens, deep / inserted prompts, hooks, post hooks and attention
+#: deltas, and returns its tokens and hidden states (a ViT tower; ``CLIP.capabilities``)
+VISUAL_PROMPTS = "visual_prompts"
+#: what a method lacking a capability is told: "<method> <this>; <backbone> is a ResNet"
+CAPABILITY_NEEDS = {
+    VISUAL_PROMPTS: "prompts or adapts the image tower's tokens and needs a ViT backbone "
+                    "(ViT-B/32, ViT-B/16, ViT-L/14, ViT-L/14@336px, open_clip ViTs)",
+    # SigLIP lacks these (no CLS token, no start token, bidirectional text)
+    "class_token": "reads or inserts after the image tower's CLS token and needs a CLIP ViT "
+                   "with one (OpenAI and open_clip ViTs, not SigLIP)",
+    "text_start_token": "inserts text tokens after the start token and needs a tokenizer with "
+                        "one (OpenAI and open_clip CLIPs, not SigLIP)",
+    "causal_text": "needs a causal text tower (OpenAI and open_clip CLIPs, not SigLIP)",
+}
 
 
 @dataclasses.dataclass
@@ -51,10 +68,19 @@ class Method(nn.Module):
     #: surgery, e.g. ProGrad): the engine then calls ``loss_terms`` and ``combine_gradients``
     #: instead of back-propagating ``loss``. A subclass may make it a property (a config switch).
     combines_gradients: ClassVar[bool] = False
+    #: True when the method trains on the unlabeled train images of every class of the dataset
+    #: (base and new), whatever the run's shots and class subset (PromptKD): the engine gives it
+    #: that training set, and reports list its results apart from inductive methods'
+    transductive: ClassVar[bool] = False
+    #: capabilities the method needs from the CLIP (``CLIP.capabilities``): ``"visual_prompts"``
+    #: for every method that prompts, hooks, reads the tokens of or adapts the image tower (a ViT
+    #: has them, a ResNet has not). Checked once, in ``__init__``, naming no backbone family.
+    requires: ClassVar[frozenset] = frozenset()
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any = None,
                  template: Optional[str] = None):
         super().__init__()
+        self._check_capabilities(clip)
         clip.requires_grad_(False)
         clip.eval()
         self.clip = clip
@@ -66,6 +92,24 @@ class Method(nn.Module):
         #: checkpoint header's ``classnames``, ``_build_from_run``), and switches to other
         #: classes with ``set_classnames`` after loading; see ``training_class_index``
         self.training_classnames = list(self.classnames)
+
+    def _check_capabilities(self, clip: CLIP) -> None:
+        """Refuse, in one line, a CLIP that lacks what the method needs (``requires``)."""
+        have = getattr(clip, "capabilities", frozenset({VISUAL_PROMPTS}))
+        lacking = sorted(set(self.requires) - set(have))
+        if not lacking:
+            return
+        from .registry import get_method, list_methods
+
+        backbone = getattr(clip, "backbone_name", None) or "this backbone"
+        family = getattr(getattr(clip, "config", None), "vision_kind", "")
+        siglip = not getattr(getattr(clip, "config", None), "text_causal", True)
+        what = (f"{backbone} is a ResNet" if family == "resnet" else
+                f"{backbone} is a SigLIP" if siglip else f"{backbone} lacks it")
+        usable = [n for n in list_methods() if set(get_method(n).requires) <= set(have)]
+        needs = "; ".join(CAPABILITY_NEEDS.get(c, f"needs the capability {c!r}") for c in lacking)
+        raise ValueError(f"{self.name} {needs}; {what} (methods that run on it: "
+                         f"{', '.join(usable) or 'none'})")
 
     # ------------------------------------------------------------------ interface
     def set_classnames(self, classnames: Sequence[str]) -> None:
@@ -129,6 +173,13 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ engine hooks
     @classmethod
+    def teacher_recipe(cls, config: dict) -> Optional[Any]:
+        """A run the engine must finish before this method trains, and whose folder it then
+        passes as the method field ``teacher`` (``config``: the method fields as resolved): a
+        named tuple (method, backbone, config_file, overrides), or None (the default)."""
+        return None
+
+    @classmethod
     def template_variant_for(cls, config: Optional[dict] = None) -> str:
         """``template_variant`` of the method configured with ``config`` (its ``method`` fields,
         as the engine resolved them): a wrapper (DePT) takes its base method's."""
@@ -188,6 +239,34 @@ class Method(nn.Module):
         applying them to other class names is refused unless the user allows it."""
         return False
 
+    def cached_class_features(self, compute: Callable[[], Tensor], tag: str = "text") -> Tensor:
+        """``compute()``, the class features of a method that do not depend on the images
+        (its prompted text features [C, E]), reused across evaluation batches.
+
+        One mechanism for every method (DESIGN.md "Performance"): a method wraps the call that
+        computes them; the cache is bypassed while gradients are recorded or in train mode (so
+        training is unchanged) and when ``perf.SWITCHES.cache_text_features`` is off. Its key
+        catches what can change the result: optimiser steps and loads (the version counters of
+        the method's own parameters and buffers), edits through ``.data`` (their sum), moves, a
+        new class list, and autocast."""
+        if torch.is_grad_enabled() or self.training or not SWITCHES.cache_text_features:
+            self.__dict__.pop("_class_feature_cache", None)
+            return compute()
+        own = [t for n, t in list(self.named_parameters()) + list(self.named_buffers())
+               if not n.startswith("clip.") and t is not None]
+        total = float(sum(t.detach().double().sum() for t in own
+                          if t.is_floating_point())) if own else 0.0
+        device = self.device
+        key = (tuple((t._version, t.data_ptr()) for t in own), total, device,
+               tuple(self.classnames), torch.is_autocast_enabled(device.type),
+               torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+               else None)
+        cache = self.__dict__.setdefault("_class_feature_cache", {})
+        entry = cache.get(tag)
+        if entry is None or entry[0] != key:
+            entry = cache[tag] = (key, compute())
+        return entry[1]
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.named_trainable_parameters().values())
 
@@ -196,11 +275,8 @@ class Method(nn.Module):
         return self.clip.logit_scale.device
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        """CLIP logits: logit_scale.exp() * cos(image, text). [B, E] x [C, E] -> [B, C];
-        per-sample text features [B, C, E] give [B, C]."""
-        image_features = F.normalize(image_features, dim=-1)
-        text_features = F.normalize(text_features, dim=-1)
-        scale = self.clip.logit_scale.exp()
-        if text_features.dim() == 3:
-            return scale * torch.einsum("be,bce->bc", image_features, text_features)
-        return scale * image_features @ text_features.t()
+        """CLIP logits: logit_scale.exp() * cos(image, text) (+ SigLIP's ``logit_bias``:
+        ``CLIP.logits``). [B, E] x [C, E] -> [B, C]; per-sample text features [B, C, E] give
+        [B, C]. The bias is the same for every class of a row, so the methods' softmax
+        cross-entropy over classes does not see it."""
+        return self.clip.logits(image_features, text_features)

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..clip.lora import LORA_B_INITS, LORA_SCALINGS, LORA_TARGETS, LoRAStack
 from ..clip.model import CLIP, Transformer
 from ._fixed_text import FixedTextPrompts
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .registry import register_method
 
 ENCODERS = ("both", "text", "vision")
@@ -99,6 +99,7 @@ class CLIPLoRA(Method):
     ``vision_lora`` with Dv (absent for a tower ``encoder`` leaves frozen, or with r = 0)."""
 
     name = "clip_lora"
+    requires = frozenset({VISUAL_PROMPTS})
     description = "CLIP-LoRA: low-rank deltas on q/k/v of every attention block (CVPRW 2024)"
     Config = CLIPLoRAConfig
 

@@ -49,9 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
-from ..clip.tokenizer import tokenize
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import CoupledPrompts
 from .registry import register_method
 
@@ -170,6 +169,7 @@ class COMMA(Method):
     ``teacher_hidden`` [K, C, L, Dt] is a non-persistent buffer, one per class list."""
 
     name = "comma"
+    requires = frozenset({VISUAL_PROMPTS})
     template_variant = "comma"  # KgCoOp's table: DTD "a photo of a {}, a type of texture."
     description = ("COMMA: co-articulated vision-language prompts with text-tower "
                    "distillation (AAAI 2024)")
@@ -219,12 +219,12 @@ class COMMA(Method):
         if self.teacher_hidden is None:
             clip, k = self.clip, self.config.kd_layers
             texts = [self.template.format(n) for n in self.classnames]
-            tokens = tokenize(texts, clip.context_length).to(self.device)  # [C, L]
+            tokens = clip.tokenizer.tokenize(texts, clip.context_length).to(self.device)  # [C, L]
             parts = []
             for i in range(0, len(texts), chunk):
                 t = tokens[i: i + chunk]
                 hs: list[Tensor] = []
-                clip.encode_text_embeddings(clip.embed_tokens(t), t.argmax(dim=-1),
+                clip.encode_text_embeddings(clip.embed_tokens(t), clip.text_pool_indices(t),
                                             hidden_states=hs, truncate=False)
                 parts.append(F.normalize(torch.stack(hs[-k:]).float(), dim=-1))  # [K, c, L, Dt]
             self.teacher_hidden = torch.cat(parts, dim=1)
@@ -253,7 +253,8 @@ class COMMA(Method):
         return self.prompts.encode_image(self.clip, images)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.logits(self.image_features(images), self.text_features())
+        return self.logits(self.image_features(images),
+                           self.cached_class_features(self.text_features))
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         use_kd = self.config.kd_weight > 0

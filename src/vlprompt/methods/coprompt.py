@@ -190,7 +190,7 @@ class CoPrompt(MaPLe):
     def features(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Adapted, normalised (image [B, E], class text [C, E]) features."""
         cfg = self.config
-        text = self.prompts.encode_text(self.clip)  # [C, E]
+        text = self.cached_class_features(lambda: self.prompts.encode_text(self.clip))  # [C, E]
         image = self.prompts.encode_image(self.clip, images)  # [B, E]
         return (_mix_normalize(self.image_adapter, image, cfg.image_adapter_mix),
                 _mix_normalize(self.text_adapter, text, cfg.text_adapter_mix))
@@ -199,7 +199,7 @@ class CoPrompt(MaPLe):
         if images.dim() == 5:
             images = images[:, 0]  # [B, V, 3, S, S]: the training view
         image, text = self.features(images)
-        return self.clip.logit_scale.exp() * image @ text.t()  # [B, C]
+        return self.clip.add_logit_bias(self.clip.logit_scale.exp() * image @ text.t())  # [B, C]
 
     def descriptions(self) -> Tensor:
         """Normalised frozen description features of the current classes [n_desc, C, E]."""
@@ -226,7 +226,7 @@ class CoPrompt(MaPLe):
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         student, teacher = _views(images)
         image, text = self.features(student)
-        logits = self.clip.logit_scale.exp() * image @ text.t()
+        logits = self.clip.add_logit_bias(self.clip.logit_scale.exp() * image @ text.t())
         ce = F.cross_entropy(logits, labels)
         bank = self.descriptions()
         target_text = bank[self.description_index(bank.shape[0])].to(text.dtype)  # [C, E]

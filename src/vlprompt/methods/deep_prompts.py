@@ -12,7 +12,9 @@
 Everything goes through the CLIP core's entry points (``encode_text_embeddings(...,
 deep_prompts=...)``, ``encode_image(..., prompts=..., deep_prompts=...)``); the placement rules
 (append before ``ln_pre``, replace the last n vision tokens / text positions 1..n) live there
-(METHODS.md §10).
+(METHODS.md §10). On a tokenizer without a start token (SigLIP) the text positions are 0..n-1
+(``clip.prompt_start``); SigLIP's attention-pooling head pools the vision prompt tokens with the
+patches.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..clip.model import CLIP
 from ..interop.layout import OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import PROMPT_INIT_STD
 from .prompts import FrozenFeatureCache, TextPrompts, hand_crafted_text_features
 from .registry import register_method
@@ -142,6 +142,7 @@ class DPT(Method):
     """
 
     name = "dpt"
+    requires = frozenset({VISUAL_PROMPTS})
     description = ("DPT: CoOp text prompts + VPT-deep + class-aware visual prompts from the "
                    "zero-shot top-K classes (TMM 2023)")
     Config = DPTConfig
@@ -276,7 +277,7 @@ class DPT(Method):
         image, aux = self.encode_image(images, text[idx])  # text[idx]: [B, K, E]
         text_n = F.normalize(text, dim=-1)
         image_n = F.normalize(image.float(), dim=-1)
-        logits = self.clip.logit_scale.exp() * image_n @ text_n.t()
+        logits = self.clip.add_logit_bias(self.clip.logit_scale.exp() * image_n @ text_n.t())
         return logits, z0, text_n, image_n, aux, idx
 
     def forward(self, images: Tensor) -> Tensor:

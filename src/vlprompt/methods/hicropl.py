@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from ..clip.model import CLIP, QuickGELU
 from ..data.descriptions import description_features, load_descriptions
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import TextDeepPrompts, VisionPrompts, resolve_depth
 from .registry import register_method
 
@@ -175,6 +175,7 @@ class HiCroPL(Method):
     Frozen, non-persistent: ``description_mean`` [C, E] (g)."""
 
     name = "hicropl"
+    requires = frozenset({VISUAL_PROMPTS})
     description = ("HiCroPL: IVLP prompts + bidirectional cross-modal prompt mappers + zero-shot "
                    "feature fusion (ICCV 2025)")
     Config = HiCroPLConfig
@@ -308,8 +309,9 @@ class HiCroPL(Method):
         """Fused normalised (image v [B, E], text t [C, E]) and the frozen (z [B, E], g [C, E])."""
         text_p, vision_p = self.prompts()
         words = self.text.text
-        text = self.clip.encode_text_embeddings(words.assemble(text_p[0]), words.eot_indices,
-                                                deep_prompts=self.text.deep.as_dict(text_p[1:]))
+        text = self.cached_class_features(lambda: self.clip.encode_text_embeddings(
+            words.assemble(text_p[0]), words.eot_indices,
+            deep_prompts=self.text.deep.as_dict(text_p[1:])))
         image = self.clip.encode_image(images, prompts=vision_p[0],
                                        deep_prompts=self.vision.deep.as_dict(vision_p[1:]))
         with torch.no_grad():
@@ -321,11 +323,11 @@ class HiCroPL(Method):
 
     def forward(self, images: Tensor) -> Tensor:
         v, t, _, _ = self.features(images)
-        return self.clip.logit_scale.exp() * v @ t.t()  # [B, C]
+        return self.clip.add_logit_bias(self.clip.logit_scale.exp() * v @ t.t())  # [B, C]
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         v, t, z, g = self.features(images)
-        logits = self.clip.logit_scale.exp() * v @ t.t()
+        logits = self.clip.add_logit_bias(self.clip.logit_scale.exp() * v @ t.t())
         ce = F.cross_entropy(logits, labels)
         text_term = 1.0 - F.cosine_similarity(t, g, dim=-1, eps=1e-7).mean()
         image_term = 1.0 - F.cosine_similarity(v, z, dim=-1, eps=1e-7).mean()

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import TextDeepPrompts, VisionPrompts
 from .registry import register_method
 
@@ -73,6 +73,7 @@ class IVLP(Method):
     ``vision.shallow`` [n_v, Dv], ``vision.deep.prompts`` [depth_v-1, n_v, Dv]."""
 
     name = "ivlp"
+    requires = frozenset({VISUAL_PROMPTS})
     description = "IVLP: independent vision and language deep prompts (MaPLe's baseline)"
     Config = IVLPConfig
     #: checkpoint layout of the official trainer, which registers the whole ``CustomCLIP`` as
@@ -114,4 +115,5 @@ class IVLP(Method):
         return self.text.encode(self.clip)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.logits(self.image_features(images), self.text_features())
+        return self.logits(self.image_features(images),
+                           self.cached_class_features(self.text_features))

@@ -87,7 +87,7 @@ class KgCoOp(Method):
     def forward_features(self, images: Tensor) -> Features:
         """Raw image [B, E] and text [C, E] features and their logits."""
         image_features = self.clip.encode_image(images)
-        text = self.text_features()
+        text = self.cached_class_features(self.text_features)
         return Features(image_features, text, self.logits(image_features, text))
 
     def forward(self, images: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Features, Method, MethodConfig
+from .base import VISUAL_PROMPTS, Features, Method, MethodConfig
 from .deep_prompts import CoupledPrompts
 from .registry import register_method
 
@@ -43,6 +43,7 @@ class MaPLe(Method):
     [J-1, n, Dt], ``couplings`` J-1 x (Dt->Dv)."""
 
     name = "maple"
+    requires = frozenset({VISUAL_PROMPTS})
     description = "MaPLe: coupled vision-language deep prompts (CVPR 2023)"
     Config = MaPLeConfig
     #: checkpoint layout of the official trainer, which registers the whole ``CustomCLIP``
@@ -72,7 +73,7 @@ class MaPLe(Method):
 
     def forward_features(self, images: Tensor) -> Features:
         """Raw prompted image [B, E] and text [C, E] features and their logits."""
-        text = self.prompts.encode_text(self.clip)  # [C, E]
+        text = self.cached_class_features(lambda: self.prompts.encode_text(self.clip))  # [C, E]
         image = self.prompts.encode_image(self.clip, images)  # [B, E]
         return Features(image, text, self.logits(image, text))
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..clip.model import CLIP, grad_scale
 from ..interop.layout import OfficialLayout, Rule, Setting
 from ._fixed_text import FixedTextPrompts
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .registry import register_method
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class MMA(Method):
     Bottleneck(Dv, h), ``shared.<i>`` Linear(h, h) + ReLU."""
 
     name = "mma"
+    requires = frozenset({VISUAL_PROMPTS})
     description = "MMA: multi-modal adapters with a shared projection (CVPR 2024)"
     Config = MMAConfig
     #: the official ``AdapterLearner`` holds ModuleLists indexed 1..12 (slot 0 = the token

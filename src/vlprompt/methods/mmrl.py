@@ -42,7 +42,7 @@ setting that restores each where one exists:
 - ``n_rep_tokens: 0`` is accepted (the reduction above); released code fails on it.
 - ``logit_scale: 100.0`` is the released literal; ``null`` uses CLIP's exp(logit_scale).
 - Training augmentation: the released configs crop with RandomResizedCrop scale (0.5, 1); the
-  engine's standard transform crops with (0.08, 1) and has no scale setting yet.
+  packaged configs set ``train.crop_scale: [0.5, 1.0]`` (the engine's default is (0.08, 1)).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule, Setting
 from ._fixed_text import FixedTextPrompts
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import PROMPT_INIT_STD
 from .registry import register_method
 
@@ -131,27 +132,44 @@ def representation_layers(layers: Sequence[int], clip: CLIP) -> list[int]:
     return kept
 
 
-def _cloned_linears(width_in: int, width_out: int, keys: Sequence[int],
-                    device: torch.device) -> nn.ModuleDict:
-    """One Linear per block, all starting from the same default-initialised weights (released:
-    ``copy.deepcopy`` of a single Linear)."""
+def _cloned_linears(width_in: int, width_out: int, count: int,
+                    device: torch.device) -> nn.ModuleList:
+    """``count`` Linears (one per representation block, in block order), all starting from the
+    same default-initialised weights (released: ``copy.deepcopy`` of a single Linear)."""
     first = nn.Linear(width_in, width_out, device=device)
-    layers = nn.ModuleDict()
-    for i in keys:
+    layers = nn.ModuleList()
+    for _ in range(count):
         layer = nn.Linear(width_in, width_out, device=device)
         layer.load_state_dict(first.state_dict())
-        layers[str(i)] = layer
+        layers.append(layer)
     return layers
 
 
 @register_method
 class MMRL(Method):
-    """Learnable: ``rep_tokens`` R [K, d_r]; per representation block i ``to_vision.<i>``
-    Linear(d_r, d_v) and ``to_text.<i>`` Linear(d_r, d_t); ``rep_proj`` P_r [d_v, E]."""
+    """Learnable: ``rep_tokens`` R [K, d_r]; for the j-th representation block
+    (``rep_layers[j]``) ``to_vision.<j>`` Linear(d_r, d_v) and ``to_text.<j>`` Linear(d_r, d_t),
+    numbered as released (``compound_rep_tokens_r2vproj.<j>``); ``rep_proj`` P_r [d_v, E]."""
 
     name = "mmrl"
+    #: representation tokens are inserted after CLS / SOT and read next to CLS
+    requires = frozenset({VISUAL_PROMPTS, "class_token", "text_start_token"})
     description = "MMRL: shared representation tokens inserted into both towers (CVPR 2025)"
     Config = MMRLConfig
+    #: the released trainer registers its whole CustomCLIP (cast to CLIP's dtype: fp32 under amp)
+    official_layout = OfficialLayout(
+        repo="yunncheng/MMRL", source="trainers/mmrl.py", trainer="MMRL",
+        models=("MultiModalRepresentationLearner",),
+        rules=(Rule("representation_learner.compound_rep_tokens", "rep_tokens"),
+               Rule("representation_learner.compound_rep_tokens_r2vproj.{i}.", "to_vision.{i}."),
+               Rule("representation_learner.compound_rep_tokens_r2tproj.{i}.", "to_text.{i}."),
+               Rule("image_encoder.proj_rep", "rep_proj")),
+        config={"TRAINER.MMRL.N_REP_TOKENS": "n_rep_tokens", "TRAINER.MMRL.REP_DIM": "rep_dim",
+                "TRAINER.MMRL.REP_LAYERS": Setting("rep_layers", offset=-1),
+                "TRAINER.MMRL.ALPHA": "alpha", "TRAINER.MMRL.REG_WEIGHT": "reg_weight"},
+        shapes={"n_rep_tokens": ("rep_tokens", "dim0"), "rep_dim": ("rep_tokens", "dim1")},
+        backbone=CUSTOM_CLIP_BACKBONE, ignored=("prompt_embeddings",),
+        keep=("source_dataset",))
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Optional[MMRLConfig] = None,
                  template: Optional[str] = None):
@@ -166,8 +184,8 @@ class MMRL(Method):
         self.rep_proj = nn.Parameter(rep_proj)  # [d_v, E]
         self.rep_tokens = nn.Parameter(
             torch.randn(cfg.n_rep_tokens, cfg.rep_dim, device=device) * PROMPT_INIT_STD)
-        self.to_vision = _cloned_linears(cfg.rep_dim, dv, self.layers, device)
-        self.to_text = _cloned_linears(cfg.rep_dim, clip.text_width, self.layers, device)
+        self.to_vision = _cloned_linears(cfg.rep_dim, dv, len(self.layers), device)
+        self.to_text = _cloned_linears(cfg.rep_dim, clip.text_width, len(self.layers), device)
         self.prompts = FixedTextPrompts(clip, self.classnames, self.template)
         self.register_buffer("zero_shot_text", None, persistent=False)
         self.source_dataset: Optional[str] = None  # the dataset trained on (checkpointed)
@@ -195,11 +213,11 @@ class MMRL(Method):
         self.source_dataset = name or None
 
     # ------------------------------------------------------------------ features
-    def representation_prompts(self, tower: nn.ModuleDict) -> Optional[dict[int, Tensor]]:
+    def representation_prompts(self, tower: nn.ModuleList) -> Optional[dict[int, Tensor]]:
         """{block: projected R [K, d]} for the core's ``inserted_prompts``; None when K = 0."""
         if self.config.n_rep_tokens == 0:
             return None
-        return {i: tower[str(i)](self.rep_tokens) for i in self.layers}
+        return {block: tower[j](self.rep_tokens) for j, block in enumerate(self.layers)}
 
     def text_features(self) -> Tensor:
         """Class text features [C, E] with the inserted tokens, unnormalised (cached in eval)."""
@@ -255,7 +273,8 @@ class MMRL(Method):
         if self.zero_shot_text is None:
             tp = self.prompts
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                t = self.clip.encode_text_embeddings(tp.embeddings, tp.tokens.argmax(-1))
+                t = self.clip.encode_text_embeddings(tp.embeddings,
+                                                     self.clip.text_pool_indices(tp.tokens))
             self.zero_shot_text = F.normalize(t.to(torch.promote_types(t.dtype, torch.float32)),
                                               dim=-1)
         return self.zero_shot_text

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..clip.model import CLIP
-from ..clip.tokenizer import tokenize
 from ..interop.layout import OfficialLayout, Rule
 from .coop import CoOp
 from .prompts import TextPrompts, hand_crafted_text_features
@@ -104,9 +103,11 @@ def template_context(clip: CLIP, template: str, n_ctx: int) -> tuple[str, Tensor
                          f"than n_ctx={n_ctx}; raise n_ctx or set ctx_from_template=false")
     ctx = torch.zeros(n_ctx, clip.text_width)
     if w:
-        tokens = tokenize([words], clip.context_length).to(clip.logit_scale.device)
+        tokens = clip.tokenizer.tokenize([words], clip.context_length)
+        s = clip.prompt_start
         with torch.no_grad():
-            ctx[n_ctx - w:] = clip.embed_tokens(tokens)[0, 1: 1 + w].float().cpu()
+            ctx[n_ctx - w:] = clip.embed_tokens(tokens.to(clip.logit_scale.device))[
+                0, s: s + w].float().cpu()
     prefix = " ".join(["X"] * (n_ctx - w) + ([words] if w else []))
     return prefix, ctx
 

@@ -5,6 +5,12 @@ teachers. One implementation, so no method re-implements CoOp's ``PromptLearner`
 Prompt string = ``prefix + " " + classname + "."``, where ``prefix`` is ``ctx_init`` or ``M``
 placeholder words. Positions ``1 .. M`` (after SOT) hold the learned context; everything else
 (class tokens, ".", EOT) is fixed and kept as non-persistent buffers (METHODS.md §1.5).
+
+Prompts are tokenized with the model's own tokenizer (``clip.tokenizer``). For a tokenizer
+without a start token (SigLIP's SentencePiece) the context takes positions ``0 .. M-1``
+(``clip.prompt_start`` = 0): ``[ctx][class words][EOS][pad...]``, the class words and EOS right
+after the context as with OpenAI's ``[SOT][ctx][class].[EOT]``, and the feature read where the
+model pools (SigLIP: the last of its 64 positions).
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..clip.model import CLIP
-from ..clip.tokenizer import encode, tokenize
 from ..clip.zeroshot import hand_crafted_text_features  # noqa: F401  (re-exported for methods)
+from ..perf import SWITCHES
 
 
 class TextPrompts(nn.Module):
@@ -35,8 +41,14 @@ class TextPrompts(nn.Module):
             raise ValueError(f"class_position must be end, middle or front, got {class_position!r}")
         if ctx_init and class_position != "end":
             raise ValueError("ctx_init is only supported with class_position='end'")
-        if ctx_init and len(encode(ctx_init)) < n_ctx:
+        if getattr(clip.tokenizer, "padding_side", "right") != "right":
+            raise ValueError("text prompts need a right-padded tokenizer (the learned context at "
+                             "fixed positions); this model's pads on the left")
+        if ctx_init and len(clip.tokenizer.encode(ctx_init)) < n_ctx:
             raise ValueError(f"ctx_init {ctx_init!r} has fewer than n_ctx={n_ctx} tokens")
+        if not ctx_init and len(clip.tokenizer.encode(" ".join(["X"] * n_ctx))) != n_ctx:
+            raise ValueError(f"the model's tokenizer does not encode the placeholder 'X' as one "
+                             f"token, so {n_ctx} context positions cannot be placed")
         self.clip = [clip]  # a list, so the frozen CLIP is not registered as a submodule twice
         self.n_ctx = n_ctx
         self.ctx_init = ctx_init
@@ -56,26 +68,35 @@ class TextPrompts(nn.Module):
     def set_classnames(self, classnames: Sequence[str]) -> None:
         clip = self.clip[0]
         names = [c.replace("_", " ") for c in classnames]
-        tokens = tokenize([self.prompt_text(name) for name in names], clip.context_length)
+        tokens = clip.tokenizer.tokenize([self.prompt_text(name) for name in names],
+                                         clip.context_length)
         device = clip.logit_scale.device
         with torch.no_grad():
             embeddings = clip.embed_tokens(tokens.to(device))  # [C, L, D]
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.register_buffer("embeddings", embeddings, persistent=False)
-        self.name_lens = [len(encode(n)) for n in names]
+        self.name_lens = [len(clip.tokenizer.encode(n)) for n in names]
 
     def init_context(self, generator: Optional[torch.Generator] = None) -> Tensor:
         """Initial context [n_ctx, D]: the word embeddings of ``ctx_init`` or N(0, 0.02^2)."""
         clip = self.clip[0]
         if self.ctx_init:
-            tokens = tokenize([self.ctx_init], clip.context_length).to(clip.logit_scale.device)
+            tokens = clip.tokenizer.tokenize([self.ctx_init], clip.context_length)
+            s = clip.prompt_start
             with torch.no_grad():
-                return clip.embed_tokens(tokens)[0, 1: 1 + self.n_ctx].clone().float()
+                return clip.embed_tokens(tokens.to(clip.logit_scale.device))[
+                    0, s: s + self.n_ctx].clone().float()
         return torch.randn(self.n_ctx, clip.text_width, generator=generator) * 0.02
 
     @property
     def eot_indices(self) -> Tensor:
-        return self.tokens.argmax(dim=-1)
+        """[C] where the model reads each prompt's feature (EOT; SigLIP: the last position)."""
+        return self.clip[0].text_pool_indices(self.tokens)
+
+    @property
+    def prompt_start(self) -> int:
+        """First context position: 1 after SOT, 0 without a start token (SigLIP)."""
+        return self.clip[0].prompt_start
 
     def assemble(self, ctx: Tensor) -> Tensor:
         """Insert the context into every class prompt.
@@ -87,7 +108,8 @@ class TextPrompts(nn.Module):
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(C, -1, -1)
         ctx = ctx.to(emb.dtype)
-        prefix, rest = emb[:, :1], emb[:, 1 + M:]  # [C, 1, D], [C, L-1-M, D]
+        s = self.prompt_start
+        prefix, rest = emb[:, :s], emb[:, s + M:]  # [C, 1, D] (SOT; [C, 0, D]), [C, L-1-M, D]
         if self.class_position == "end":
             return torch.cat([prefix, ctx, rest], dim=1)
         rows = []
@@ -107,8 +129,9 @@ class TextPrompts(nn.Module):
         B, M, D = ctx.shape
         emb = self.embeddings
         C = emb.shape[0]
-        prefix = emb[:, :1].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, 1, D]
-        rest = emb[:, 1 + M:].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, L-1-M, D]
+        s = self.prompt_start
+        prefix = emb[:, :s].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, 1, D]
+        rest = emb[:, s + M:].unsqueeze(0).expand(B, -1, -1, -1)  # [B, C, L-1-M, D]
         ctx = ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)  # [B, C, M, D]
         return torch.cat([prefix, ctx, rest], dim=2)
 
@@ -140,9 +163,12 @@ def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chu
     per_class = ctx.dim() == 4
     eot = prompts.eot_indices
     # Cutting at the longest EOT first is exact (causal mask) and keeps the gathered chunks small.
-    length = int(eot.max()) + 1
-    emb = prompts.embeddings[:, :length]
-    prefix, rest = emb[:, :1], emb[:, 1 + M:]  # [C, 1, D], [C, L'-1-M, D]
+    # off (reference mode): the official loop, one 77-token call of C prompts per image
+    batched = SWITCHES.batched_conditional_text
+    length = int(eot.max()) + 1 if batched else prompts.embeddings.shape[1]
+    emb = prompts.embeddings[:, :length]  # (SigLIP pools the last position: length is L)
+    s = prompts.prompt_start
+    prefix, rest = emb[:, :s], emb[:, s + M:]  # [C, 1, D], [C, L'-1-M, D]
     ctx = ctx.to(emb.dtype)
     if per_class:
         ctx = ctx.flatten(0, 1)  # [B*C, M, D], row b*C + c
@@ -155,6 +181,7 @@ def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chu
 
     total = B * C
     step = total if chunk_size <= 0 else chunk_size
+    step = step if batched else C
     use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
     feats = []
     for start in range(0, total, step):
@@ -180,7 +207,7 @@ class FrozenFeatureCache:
         self._entry = None
 
     def get(self, ctx: Tensor, tokens: Tensor, compute) -> Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not SWITCHES.cache_text_features:
             self._entry = None
             return compute()
         key = (ctx._version, float(ctx.sum()), ctx.data_ptr(), ctx.device, id(tokens),

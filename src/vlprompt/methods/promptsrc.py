@@ -148,7 +148,7 @@ class PromptSRC(IVLP):
     # ------------------------------------------------------------------ loss
     def forward_features(self, images: Tensor) -> Features:
         """Raw prompted image [B, E] and text [C, E] features and their logits."""
-        text = self.text_features()  # [C, E]
+        text = self.cached_class_features(self.text_features)  # [C, E]
         image = self.image_features(images)  # [B, E]
         return Features(image, text, self.logits(image, text))
 
@@ -182,7 +182,7 @@ class PromptSRC(IVLP):
         # again: same values, gradients equal up to rounding)
         text = F.normalize(self.text_features(), dim=-1)  # [C, E]
         image = F.normalize(self.image_features(images), dim=-1)  # [B, E]
-        logits = self.clip.logit_scale.exp() * image @ text.t()  # [B, C]
+        logits = self.clip.add_logit_bias(self.clip.logit_scale.exp() * image @ text.t())  # [B, C]
         ce = F.cross_entropy(logits, labels)
         terms, parts = self._regularisers(images, text, image, logits)
         total = ce

@@ -168,14 +168,16 @@ class TCP(CoOp):
         return self.meta_net(t).view(t.shape[0], self.config.n_ctx, -1)  # [C, M*Dt] -> [C, M, Dt]
 
     def _token_hook(self, tokens: Tensor) -> LayerHook:
-        """Before block ``layer``: positions 1..M <- w * tokens + (1 - w) * positions 1..M."""
+        """Before block ``layer``: positions 1..M <- w * tokens + (1 - w) * positions 1..M
+        (0..M-1 for a tokenizer without a start token, SigLIP: ``clip.prompt_start``)."""
         w, layer, M = self.config.mix_weight, self.layer, self.config.n_ctx
+        s = self.clip.prompt_start
 
         def hook(i: int, x: Tensor) -> Tensor:
             if i != layer:
                 return x
-            mixed = w * tokens.to(x.dtype) + (1 - w) * x[:, 1: 1 + M]
-            return torch.cat([x[:, :1], mixed, x[:, 1 + M:]], dim=1)
+            mixed = w * tokens.to(x.dtype) + (1 - w) * x[:, s: s + M]
+            return torch.cat([x[:, :s], mixed, x[:, s + M:]], dim=1)
         return hook
 
     def text_features(self) -> Tensor:

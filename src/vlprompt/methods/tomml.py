@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.model import CLIP
+from .base import VISUAL_PROMPTS
 from .cocoop import CoCoOp, CoCoOpConfig
 from .prompts import hand_crafted_text_features
 from .registry import register_method
@@ -95,6 +96,7 @@ class TOMML(CoCoOp):
     Class queries [C, E] are a non-persistent buffer computed once per class list."""
 
     name = "tomml"
+    requires = frozenset({VISUAL_PROMPTS})
     description = ("TOMML: class-aware text prompts + text-guided feature tuning "
                    "(vlprompt design after ICCV 2023)")
     Config = TOMMLConfig
@@ -127,7 +129,7 @@ class TOMML(CoCoOp):
         if not self.needs_patches():
             return self.clip.encode_image(images), None
         f, tokens = self.clip.encode_image(images, return_tokens=True)  # [B, E], [B, 1+N_p, E]
-        return f, tokens[:, 1:]
+        return f, tokens[:, self.clip.visual.num_prefix_tokens:]  # past CLS (SigLIP has none)
 
     def context(self, f: Tensor, patches: Optional[Tensor]) -> Tensor:
         """CTP: per-image-and-class context [B, C, M, Dt]; off: CoCoOp's [B, M, Dt]."""
@@ -161,7 +163,7 @@ class TOMML(CoCoOp):
         if image.dim() == 2:
             return self.logits(image, text)
         cos = (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(dim=-1)
-        return self.clip.logit_scale.exp() * cos
+        return self.clip.add_logit_bias(self.clip.logit_scale.exp() * cos)
 
     # ------------------------------------------------------------------ interface
     def forward(self, images: Tensor) -> Tensor:

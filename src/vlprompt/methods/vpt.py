@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..clip.model import CLIP
 from ..interop.layout import CUSTOM_CLIP_BACKBONE, OfficialLayout, Rule
-from .base import Method, MethodConfig
+from .base import VISUAL_PROMPTS, Method, MethodConfig
 from .deep_prompts import VisionPrompts
 from .prompts import hand_crafted_text_features
 from .registry import register_method
@@ -46,6 +46,7 @@ class VPT(Method):
     ``text_features`` [C, E] (frozen classifier) is a non-persistent buffer."""
 
     name = "vpt"
+    requires = frozenset({VISUAL_PROMPTS})
     description = ("VPT-deep: learnable vision tokens in every block, frozen text classifier "
                    "(ECCV 2022)")
     Config = VPTConfig

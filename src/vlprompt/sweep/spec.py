@@ -242,9 +242,13 @@ def _resolve(base: Path, value: Optional[str]) -> Optional[str]:
 
 
 def _resolve_backbone(base: Path, value: str) -> str:
-    """A backbone name (``ViT-B/16``) stays a name; anything else is a path."""
-    from ..clip.load import canonical_backbone_name
+    """A backbone name (``ViT-B/16``) stays a name; an open_clip spec keeps its architecture
+    and resolves its file; anything else is a path."""
+    from ..clip.load import canonical_backbone_name, map_open_clip_paths
 
+    spec = map_open_clip_paths(value, lambda file: _resolve(base, file))
+    if spec is not None:
+        return spec
     return value if canonical_backbone_name(value) is not None else _resolve(base, value)
 
 

@@ -102,6 +102,21 @@ def method_overrides(name: str, clip: CLIP) -> list[str]:
     return out
 
 
+def teacher_overrides(name: str, clip: CLIP, backbone: Union[str, os.PathLike],
+                      config: "DemoConfig") -> list[str]:
+    """For a method that trains a teacher run first (PromptKD): the teacher on the toy CLIP too
+    (the toy has no larger backbone), with the demo's settings for the teacher method."""
+    from ..methods import get_method
+
+    recipe = get_method(name).teacher_recipe(dataclasses.asdict(get_method(name).Config()))
+    if recipe is None:
+        return []
+    teacher = (list(config.train_overrides) + list(config.method_train_overrides.get(
+        recipe.method, ())) + method_overrides(recipe.method, clip))
+    return [f"method.teacher_backbone={backbone}",
+            "method.teacher_overrides=[" + ", ".join(teacher) + "]"]
+
+
 def trainable_methods() -> list[str]:
     """Every registered method that learns something, in registry order."""
     from ..methods import get_method, list_methods
@@ -150,7 +165,7 @@ def run_demo(output: Union[str, os.PathLike], data_root: Optional[Union[str, os.
         run_dir = output / name
         overrides = ["train.num_workers=0"] if name == "zeroshot" else \
             list(config.train_overrides) + list(config.method_train_overrides.get(name, ())) \
-            + method_overrides(name, clip)
+            + method_overrides(name, clip) + teacher_overrides(name, clip, ckpt_path, config)
         say(f"  ({i}/{len(names)}) {name}: " + ("evaluating" if name == "zeroshot" else
                                                  "training on the base classes"))
         results = run_experiment(name, DATASET, data_root, str(ckpt_path), run_dir,
@@ -159,7 +174,8 @@ def run_demo(output: Union[str, os.PathLike], data_root: Optional[Union[str, os.
                                  show_progress=False)
         base = results["evaluations"][f"{DATASET}/base"]["accuracy"]
         new = evaluate_run(run_dir, DATASET, data_root, subsample="new", clip=clip)["accuracy"]
-        row = {"method": name, "base": base, "new": new, "hm": harmonic_mean(base, new),
+        row = {"method": name, "transductive": get_method(name).transductive,
+               "base": base, "new": new, "hm": harmonic_mean(base, new),
                "trainable_params": results.get("num_trainable_params", 0),
                "seconds": round(time.time() - t0, 1), "run_dir": str(run_dir)}
         rows.append(row)
@@ -185,7 +201,8 @@ def format_table(rows: Sequence[dict], chance: Optional[dict] = None) -> str:
     """Markdown table of Base / New / HM accuracy (%) per method."""
     lines = ["| method | Base | New | HM | trained params |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['base']:.1f} | {r['new']:.1f} | {r['hm']:.1f} | "
+        label = f"{r['method']} (transductive)" if r.get("transductive") else r["method"]
+        lines.append(f"| {label} | {r['base']:.1f} | {r['new']:.1f} | {r['hm']:.1f} | "
                      f"{r['trainable_params']:,} |")
     if chance:
         lines.append(f"| (chance) | {chance['base']:.1f} | {chance['new']:.1f} | "
