@@ -89,6 +89,10 @@ def measure(name: str, clip, batch: int, steps: int, checkpointing: bool,
     return {"saved_mb": saved.bytes / 2 ** 20, "peak_mb": mem.mb, "step_s": best}
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", help="comma-separated (default: every trainable method)")
@@ -118,12 +122,11 @@ def main() -> None:
         paper_batch = int(paper_config(name)["train"]["batch_size"])
         per_image = plain["saved_mb"] / args.batch / 1024
         per_image_ckpt = ckpt["saved_mb"] / args.batch / 1024
-        r = lambda a, b: a / b if b else float("nan")
         print(f"{name:10s} {plain['saved_mb']:10.0f} {ckpt['saved_mb']:8.0f} "
-              f"{r(ckpt['saved_mb'], plain['saved_mb']):6.2f} {plain['peak_mb']:9.0f} "
-              f"{ckpt['peak_mb']:8.0f} {r(ckpt['peak_mb'], plain['peak_mb']):6.2f} "
+              f"{_ratio(ckpt['saved_mb'], plain['saved_mb']):6.2f} {plain['peak_mb']:9.0f} "
+              f"{ckpt['peak_mb']:8.0f} {_ratio(ckpt['peak_mb'], plain['peak_mb']):6.2f} "
               f"{plain['step_s']:7.2f} {ckpt['step_s']:7.2f} "
-              f"{r(ckpt['step_s'], plain['step_s']):6.2f} {paper_batch:11d} "
+              f"{_ratio(ckpt['step_s'], plain['step_s']):6.2f} {paper_batch:11d} "
               f"{per_image * paper_batch:9.1f} {per_image_ckpt * paper_batch:8.1f}", flush=True)
     print(f"GB/batch: saved activations per image x the paper's batch (weights and the "
           f"optimiser add little: prompts only); compare with {args.gpu_gb:.0f} GB.")

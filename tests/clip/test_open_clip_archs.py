@@ -17,6 +17,8 @@ from vlprompt.clip.open_clip_archs import (config_from_open_clip, open_clip_arch
 
 transformers = pytest.importorskip("transformers")
 
+from .test_parity import _features, _rel  # noqa: E402  (after the transformers check)
+
 TEXTS = ["a photo of a cat.", "a centered satellite photo of Annual Crop Land.", "x"]
 #: open_clip's model-config format: vision heads = 80 // 16 = 5 (not 80 // 64 = 1), MLP 2.5 x
 TINY_OPEN_CLIP = {"embed_dim": 32,
@@ -24,14 +26,6 @@ TINY_OPEN_CLIP = {"embed_dim": 32,
                                  "mlp_ratio": 2.5, "patch_size": 8},
                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48,
                                "heads": 3, "layers": 2}}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _features(out):
-    return out if torch.is_tensor(out) else out.pooler_output
 
 
 @pytest.fixture(scope="module")
