@@ -218,7 +218,7 @@ class TokenizersTokenizer:
                  padding_side: str = "right"):
         try:
             from tokenizers import Tokenizer
-        except ImportError as err:  # pragma: no cover - installed with transformers
+        except ImportError as err:  # pragma: no cover - a declared dependency
             raise ImportError(f"{tokenizer_file}: reading a tokenizer.json needs the tokenizers "
                               f"package (pip install tokenizers)") from err
 
