@@ -98,17 +98,28 @@ def _bench(args: argparse.Namespace) -> int:
         setting.update(shape="tiny", steps=1, warmup=0, rounds=1, eval_batch=4, eval_batches=1,
                        batch=args.batch or 2)
     methods = _methods(args.methods)
-    reports = []
+    reports: list[dict] = []
+
+    def combined(extra=()):
+        done = reports + list(extra)
+        return done[0] if len(done) == 1 else {"reports": done}
+
     for c in classes:
+        # the JSON is rewritten (atomically) after every method: a killed run keeps its rows
         report = run_bench(methods, BenchSetting(classes=c, **setting),
-                           compare_reference=args.compare_reference)
+                           compare_reference=args.compare_reference,
+                           on_row=lambda partial: _write_json(args.json, combined([partial]),
+                                                              quiet=True))
         print_table(report)
         reports.append(report)
-    _write_json(args.json, reports[0] if len(reports) == 1 else {"reports": reports})
+    _write_json(args.json, combined())
     return 0
 
 
-def _write_json(path: str | None, report: dict) -> None:
+def _write_json(path: str | None, report: dict, quiet: bool = False) -> None:
+    from .fileio import atomic_write_text
+
     if path:
-        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        logger.info("wrote %s", path)
+        atomic_write_text(Path(path), json.dumps(report, indent=2, default=str) + "\n")
+        if not quiet:
+            logger.info("wrote %s", path)

@@ -83,3 +83,22 @@ def test_e2e_quick_breakdown(tmp_path):
     assert stages["evaluation"] > 0 and stages["image tower"] > 0 and stages["optimiser"] > 0
     assert report["wall_s"] >= sum(v for k, v in stages.items() if k != "other") - 1e-6
     assert model.VisionTransformer.forward is forward
+
+
+def test_a_killed_bench_keeps_the_methods_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten after every method: an interrupt during the second keeps the first."""
+    import vlprompt.bench.measure as measure
+
+    real = measure.measure_method
+
+    def interrupted(method, *args, **kwargs):
+        if method == "cocoop":
+            raise KeyboardInterrupt  # a kill mid-run (not caught as a method's failure)
+        return real(method, *args, **kwargs)
+    monkeypatch.setattr(measure, "measure_method", interrupted)
+    out = tmp_path / "bench.json"
+    # the CLI turns the interrupt into a non-zero exit
+    assert main(["bench", "--quick", "--methods", "coop,cocoop", "--json", str(out)]) != 0
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["coop"]
+    assert report["results"][0]["vlprompt"]["train_images_per_s"] > 0

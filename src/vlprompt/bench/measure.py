@@ -368,12 +368,14 @@ def measure_method(name: str, setting: BenchSetting, clip: CLIP,
 
 
 def run_bench(methods: Sequence[str], setting: BenchSetting,
-              compare_reference: bool = True) -> dict:
+              compare_reference: bool = True, on_row=None) -> dict:
     """Every method at ``setting``, optimised and (``compare_reference``) reference-style.
 
     Returns ``{"setting", "device_name", "peak_tflops", "results": [row, ...]}``; a row per
     method with ``vlprompt`` and ``reference`` figures, their ratios and, on a GPU, achieved
-    TFLOP/s and MFU. A method that fails records its ``error`` and the others continue."""
+    TFLOP/s and MFU. A method that fails records its ``error`` and the others continue.
+    ``on_row(report)`` is called with the report so far after each method (long runs keep
+    what they measured when killed)."""
     device = torch.device(setting.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is available")
@@ -395,9 +397,15 @@ def run_bench(methods: Sequence[str], setting: BenchSetting,
         _derive(row, peak)
         rows.append(row)
         logger.info("bench: %s done", method)
-    return {"setting": dataclasses.asdict(setting), "device_name": name, "peak_tflops": peak,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": rows}
+        if on_row is not None:
+            on_row(_report(setting, name, peak, rows))
+    return _report(setting, name, peak, rows)
+
+
+def _report(setting: BenchSetting, device_name: str, peak: float | None, rows: list) -> dict:
+    return {"setting": dataclasses.asdict(setting), "device_name": device_name,
+            "peak_tflops": peak, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": list(rows)}
 
 
 def _derive(row: dict, peak: float | None) -> None:
