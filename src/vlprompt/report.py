@@ -260,20 +260,21 @@ def _groups(records: Sequence[RunRecord], protocols: Sequence[Optional[str]]):
     return groups
 
 
-def _transductive(method: str) -> bool:
-    """Whether a method trains transductively (on the unlabeled images of every class): its
-    rows are labelled and its averages kept out of the inductive methods' summary."""
+def _transductive(records: Sequence[RunRecord]) -> bool:
+    """Whether the records' method trains transductively (on the unlabeled images of every
+    class): its rows are labelled and its averages kept out of the inductive methods' summary."""
     from .methods import get_method
 
     try:
-        return bool(get_method(method.split(" [")[0].split(" (")[0]).transductive)
-    except (KeyError, ValueError):
+        return any(get_method(r.method).transductive for r in records)
+    except KeyError:  # a method this vlprompt does not know (results from another version)
         return False
 
 
-def _label(method: str, backbone: str, backbones: set[str]) -> str:
+def _label(method: str, backbone: str, backbones: set[str],
+           records: Sequence[RunRecord]) -> str:
     label = f"{method} ({backbone})" if len(backbones) > 1 else method
-    return f"{label} [transductive]" if _transductive(method) else label
+    return f"{label} [transductive]" if _transductive(records) else label
 
 
 def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
@@ -283,7 +284,7 @@ def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
     backbones = {b for _, b in groups}
     tables, summary, transductive = [], [], []
     for (method, backbone), recs in groups.items():
-        label = _label(method, backbone, backbones)
+        label = _label(method, backbone, backbones, recs)
         table = Table("base2new", f"Base-to-new: {label}", ["Base", "New", "HM"])
         by_dataset = defaultdict(list)
         for r in recs:
@@ -310,7 +311,7 @@ def base2new_tables(records: Sequence[RunRecord]) -> list[Table]:
             plural = "s" if len(bases) > 1 else ""
             row = (f"{label} ({len(bases)} dataset{plural})",
                    [b, n, Stat(harmonic_mean(b.mean, n.mean), None, min(b.n, n.n))])
-            (transductive if _transductive(method) else summary).append(row)
+            (transductive if _transductive(recs) else summary).append(row)
         tables.append(table)
     if len(summary) > 1:
         tables.append(Table("base2new", "Base-to-new: averages", ["Base", "New", "HM"], summary,
@@ -331,7 +332,7 @@ def fewshot_tables(records: Sequence[RunRecord]) -> list[Table]:
     tables = []
     for (method, backbone), recs in groups.items():
         shots = sorted({r.shots for r in recs})
-        table = Table("fewshot", f"Few-shot: {_label(method, backbone, backbones)}",
+        table = Table("fewshot", f"Few-shot: {_label(method, backbone, backbones, recs)}",
                       [f"{k}-shot" for k in shots])
         for dataset in _dataset_order(r.dataset for r in recs):
             cells = [_stat([r for r in recs if r.dataset == dataset and r.shots == k],
@@ -369,7 +370,7 @@ def _transfer_table(records: Sequence[RunRecord], protocol: str, title: str,
                 cells = [_stat(sel, f"{t}/all") for t in target_list]
                 if not any(cells):
                     continue
-                label = _label(method, backbone, backbones)
+                label = _label(method, backbone, backbones, recs)
                 if len(sources) > 1:
                     label += f" [{source}]"
                 if k != 16:
@@ -466,7 +467,7 @@ def write_plots(records: Sequence[RunRecord], folder: PathLike) -> list[Path]:
         backbones = {b for _, b in fewshot}
         curves: dict[str, dict[str, list[tuple[int, Stat]]]] = defaultdict(dict)
         for (method, backbone), recs in fewshot.items():
-            label = _label(method, backbone, backbones)
+            label = _label(method, backbone, backbones, recs)
             shots = sorted({r.shots for r in recs})
             per_shot_means: dict[int, list[Stat]] = defaultdict(list)
             for dataset in _dataset_order(r.dataset for r in recs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -30,6 +32,23 @@ def colour_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
     images = _COLOURS[labels][:, :, None, None] + 0.3 * torch.randn(n, 3, 32, 32,
                                                                     generator=generator)
     return images, labels
+
+
+@contextlib.contextmanager
+def counting_text_tower(clip: CLIP):
+    """Count the calls of ``clip.encode_text_embeddings`` (a list, one entry per call) while
+    active, e.g. to check that a method's evaluation text cache is reused and invalidated."""
+    calls: list = []
+    original = clip.encode_text_embeddings
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    clip.encode_text_embeddings = counting
+    try:
+        yield calls
+    finally:
+        del clip.encode_text_embeddings
 
 
 def make_tiny_clip(seed: int = 0) -> CLIP:

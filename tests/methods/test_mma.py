@@ -19,7 +19,7 @@ from vlprompt.config import resolve_config
 from vlprompt.methods import build_method, get_method, make_config
 
 from ..clip import reference_towers as ref
-from .conftest import CLASSNAMES, NEW_CLASSNAMES, colour_batch
+from .conftest import CLASSNAMES, NEW_CLASSNAMES, colour_batch, counting_text_tower
 
 BOTH_BLOCKS = {"adapter_start": 0, "adapter_end": 1}  # the tiny CLIP has 2 blocks per tower
 
@@ -171,14 +171,7 @@ def test_evaluation_text_cache_follows_steps_loads_and_classes(tiny_clip):
     method = _mma(tiny_clip)
     images, _ = colour_batch(3, torch.Generator().manual_seed(0))
     method.eval()
-    calls = []
-    original = tiny_clip.encode_text_embeddings
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-    tiny_clip.encode_text_embeddings = counting
-    try:
+    with counting_text_tower(tiny_clip) as calls:
         with torch.no_grad():
             a = method(images)
             b = method(images)
@@ -192,8 +185,6 @@ def test_evaluation_text_cache_follows_steps_loads_and_classes(tiny_clip):
         method(images)
         method(images)
         assert len(calls) == 5  # training recomputes every step
-    finally:
-        del tiny_clip.encode_text_embeddings
 
 
 def test_template_field(tiny_clip):

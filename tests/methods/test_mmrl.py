@@ -21,7 +21,7 @@ from vlprompt.config import resolve_config
 from vlprompt.methods import build_method, get_method, make_config
 
 from ..clip import reference_towers as ref
-from .conftest import CLASSNAMES, NEW_CLASSNAMES, colour_batch
+from .conftest import CLASSNAMES, NEW_CLASSNAMES, colour_batch, counting_text_tower
 
 TEMPLATE = "a photo of a {}, a type of colour."
 #: relative tolerance of the formula checks: float64 shows the implementations agree to
@@ -231,14 +231,7 @@ def test_evaluation_text_cache_follows_steps_and_classes(tiny_clip):
     method = _mmrl(tiny_clip)
     images, _ = colour_batch(3, torch.Generator().manual_seed(0))
     method.eval()
-    calls = []
-    original = tiny_clip.encode_text_embeddings
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-    tiny_clip.encode_text_embeddings = counting
-    try:
+    with counting_text_tower(tiny_clip) as calls:
         with torch.no_grad():
             a = method(images)
             assert torch.equal(a, method(images)) and len(calls) == 1
@@ -250,8 +243,6 @@ def test_evaluation_text_cache_follows_steps_and_classes(tiny_clip):
         method(images)
         method(images)
         assert len(calls) == 5  # training recomputes every step
-    finally:
-        del tiny_clip.encode_text_embeddings
 
 
 CONFIG_DIR = Path(vlprompt.__file__).parent / "configs" / "mmrl"

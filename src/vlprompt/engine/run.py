@@ -155,6 +155,9 @@ def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfi
     from ..runtime import resolve_num_workers
 
     test_set = ImageDataset(records, build_transform(False, image_size), dataset=dataset)
+    wanted = [c.replace("_", " ") for c in classnames]
+    if model.classnames != wanted:  # e.g. a transductive method trained on every class
+        model.set_classnames(list(classnames))
     entry = evaluate_method(model, test_set, list(classnames), batch_size=train_cfg.eval_batch_size,
                             device=device, precision=train_cfg.precision,
                             num_workers=resolve_num_workers(train_cfg.num_workers),
@@ -350,8 +353,6 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
                                       {**header_extra, "max_epoch": 0, "finished": True})
             ckpt.save_checkpoint(run.path, model, header)
 
-    if list(train_split.classnames) != list(split.classnames):  # transductive: all -> tested
-        model.set_classnames(list(split.classnames))
     entry = _evaluate(model, split.test, split.classnames, clip.image_size, train_cfg, device,
                       name, subsample, skip_missing)
     results = RunResults(

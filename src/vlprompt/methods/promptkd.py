@@ -151,11 +151,11 @@ class PromptKD(Method):
     @classmethod
     def teacher_recipe(cls, config: dict) -> Optional[TeacherRecipe]:
         """The teacher run of ``teacher: auto`` (``config``: the method fields as resolved)."""
-        if config.get("teacher", "auto") != "auto":
+        cfg = cls.Config(**config)
+        if cfg.teacher != "auto":
             return None
-        return TeacherRecipe(config.get("teacher_method", "promptsrc"),
-                             config.get("teacher_backbone", "ViT-L/14"), str(TEACHER_CONFIG),
-                             tuple(config.get("teacher_overrides") or ()))
+        return TeacherRecipe(cfg.teacher_method, cfg.teacher_backbone, str(TEACHER_CONFIG),
+                             tuple(cfg.teacher_overrides))
 
     @property
     def teacher(self) -> Method:
