@@ -89,6 +89,19 @@ class TrainConfig:
     #: ``torch.compile`` the towers' transformer blocks for training; falls back to eager
     #: (with a warning) where compilation fails
     compile: bool = False
+    #: read images from an on-disk uint8 cache, decoded and downsized (shorter side = the image
+    #: size) once (``data.image_cache``; ``$VLPROMPT_IMAGE_CACHE``). A named approximation for
+    #: training (crops resampled from the smaller image); exact for the test transform
+    image_cache: bool = False
+    #: JPEG draft decoding (DCT scaled to >= the image size; ``data.transforms``). A named
+    #: approximation for training and test: pixels differ slightly from a full decode
+    fast_decode: bool = False
+    #: a named approximation for methods whose image tower is frozen and unprompted
+    #: (``Method.frozen_image_tower``: CoOp, KgCoOp, ProGrad, TCP, CoCoOp, DePT on them): > 0
+    #: draws this many augmented views of every training image once (deterministic per seed),
+    #: caches their image features, and trains on a view drawn per item and epoch, so training
+    #: never runs the image tower; 0 (default): a fresh augmentation every time, as the papers
+    cached_views: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -114,6 +127,10 @@ class TrainConfig:
             raise ValueError(f"train.crop_scale must be two numbers 0 < low <= high <= 1, got "
                              f"{scale!r}")
         self.crop_scale = [float(v) for v in scale]
+        if isinstance(self.cached_views, bool) or not isinstance(self.cached_views, int) \
+                or self.cached_views < 0:
+            raise ValueError(f"train.cached_views must be an integer >= 0 (0: off), got "
+                             f"{self.cached_views!r}")
         if self.min_lr < 0:
             raise ValueError(f"train.min_lr must be >= 0, got {self.min_lr}")
         if isinstance(self.max_steps, float) and self.max_steps.is_integer():
@@ -126,6 +143,10 @@ class TrainConfig:
         for name in ("max_epoch", "batch_size", "eval_batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("image_cache", "fast_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by "
                              f"train.grad_accum ({self.grad_accum})")

@@ -36,6 +36,12 @@ def test_bench_quick_json(tmp_path):
         assert row["vlprompt"]["eval_flops_per_image"] > 0
         assert row["train_speedup"] > 0 and row["eval_speedup"] > 0
         assert row["reference"]["precision"] == "fp32"
+    # train.cached_views: the step on precomputed features, for the frozen-image-tower methods
+    for name in ("coop", "cocoop"):
+        assert rows[name]["vlprompt"]["cached_views_train_images_per_s"] > 0
+        assert rows[name]["cached_views_speedup"] > 0
+        assert "cached_views_train_images_per_s" not in rows[name]["reference"]
+    assert "cached_views_train_images_per_s" not in rows["maple"]["vlprompt"]
     zs = rows["zeroshot"]
     assert "train_images_per_s" not in zs["vlprompt"] and zs["vlprompt"]["eval_images_per_s"] > 0
     table = format_table(report)
@@ -102,3 +108,14 @@ def test_a_killed_bench_keeps_the_methods_it_measured(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["results"]] == ["coop"]
     assert report["results"][0]["vlprompt"]["train_images_per_s"] > 0
+
+
+def test_promptkd_is_benched_with_a_random_weight_teacher(tmp_path):
+    """A distilling method gets its recipe's teacher on random weights (the student's shape at
+    the tests' tiny one), so it is measured like the others."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--methods", "promptkd", "--no-flops", "--rounds", "1",
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert "error" not in row, row.get("error")
+    assert row["vlprompt"]["train_images_per_s"] > 0 and row["train_speedup"] > 0

@@ -110,9 +110,11 @@ def bench_descriptions(classnames: Sequence[str]) -> Path:
     return path
 
 
-def build_bench_method(method: str, clip: CLIP, classnames: Sequence[str], config: dict):
+def build_bench_method(method: str, clip: CLIP, classnames: Sequence[str], config: dict,
+                       shape: str | None = None):
     """The method with its paper's config on ``clip`` for ``classnames`` (description-reading
-    methods get a generated description file)."""
+    methods get a generated description file; a distilling method gets a random-weight teacher,
+    ``bench_teacher``)."""
     import dataclasses as dc
 
     from ..methods import get_method, make_config
@@ -124,7 +126,31 @@ def build_bench_method(method: str, clip: CLIP, classnames: Sequence[str], confi
         fields["descriptions"] = str(bench_descriptions(classnames))
         if "description_dataset" in names:
             fields["description_dataset"] = fields.get("description_dataset") or "bench"
-    return cls(clip, list(classnames), make_config(cls, fields), template="a photo of a {}.")
+    extra = {}
+    teacher = bench_teacher(cls, fields, classnames, shape, clip)
+    if teacher is not None:
+        fields["teacher"], extra["teacher"] = "bench (random weights)", teacher
+    return cls(clip, list(classnames), make_config(cls, fields), template="a photo of a {}.",
+               **extra)
+
+
+def bench_teacher(cls, fields: dict, classnames: Sequence[str], shape: str | None, clip: CLIP):
+    """The teacher of a distilling method (``Method.teacher_recipe``, e.g. PromptKD's PromptSRC
+    on ViT-L/14) built with its recipe's config on a random-weight CLIP of the recipe's backbone
+    shape (the student's for shapes the recipe's is not known at, e.g. the tests' "tiny"); None
+    for other methods. Its speed, not its values, is what a benchmark needs."""
+    recipe = cls.teacher_recipe(fields)
+    if recipe is None:
+        return None
+    from ..config import resolve_config
+
+    teacher_shape = recipe.backbone if shape in SHAPES and shape != "tiny" and \
+        recipe.backbone in SHAPES else None
+    teacher_clip = (random_clip(teacher_shape, clip.logit_scale.device, seed=1)
+                    if teacher_shape else clip)
+    config = resolve_config(recipe.method, "base2new", config_file=recipe.config_file,
+                            overrides=list(recipe.overrides))
+    return build_bench_method(recipe.method, teacher_clip, classnames, config, teacher_shape)
 
 
 class _RSSPeak:
@@ -266,7 +292,7 @@ class _Case:
         with self.mode():
             torch.manual_seed(0)
             self.method = build_bench_method(name, clip, bench_classnames(setting.classes),
-                                             config).to(device)
+                                             config, setting.shape).to(device)
             self.trainable = (get_method(name).trainable
                               and self.method.num_trainable_parameters() > 0)
             self.images, self.labels = _synthetic(setting, clip, batch, device, 1)
@@ -298,6 +324,32 @@ class _Case:
         if rate > self.out.get("train_images_per_s", 0.0):
             self.out.update(train_images_per_s=rate, step_s=per_step)
         self.out["train_peak_mb"] = max(self.out.get("train_peak_mb", 0.0), mem.mb)
+
+    def cached_views_round(self) -> None:
+        """``train.cached_views`` (methods with ``frozen_image_tower``): the same training step
+        on image features computed beforehand, as the engine runs it (the image tower never
+        runs); images/s of the step alone, the one-off feature pass excluded."""
+        if self.step is None or self.reference or \
+                getattr(self.method, "frozen_image_tower", False) is not True:
+            return
+        from ..engine.evaluate import autocast
+        from ..engine.train import training_switches
+
+        s, device = self.setting, self.device
+        with torch.no_grad(), autocast(self.precision, device):
+            features = self.method.frozen_image_features(self.images).float()  # [B, E]
+        with self.mode(), training_switches(self.train_config):
+            self.method.train()
+            self.step(features, self.labels)  # warm-up
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(s.steps):
+                self.step(features, self.labels)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        rate = self.batch * max(s.steps, 1) / elapsed
+        if rate > self.out.get("cached_views_train_images_per_s", 0.0):
+            self.out["cached_views_train_images_per_s"] = rate
 
     def eval_round(self) -> None:
         """The evaluation path over the evaluation images (class text features computed once
@@ -361,6 +413,9 @@ def measure_method(name: str, setting: BenchSetting, clip: CLIP,
             case.train_round(setting.warmup if r == 0 else 0)
     for r in range(setting.rounds):
         for case in cases.values():
+            case.cached_views_round()
+    for r in range(setting.rounds):
+        for case in cases.values():
             case.eval_round()
     if setting.flops:
         cases["vlprompt"].count()
@@ -415,6 +470,9 @@ def _derive(row: dict, peak: float | None) -> None:
         for key in ("train_images_per_s", "eval_images_per_s"):
             if opt.get(key) and ref.get(key):
                 row[key.replace("_images_per_s", "_speedup")] = opt[key] / ref[key]
+        if opt.get("cached_views_train_images_per_s") and ref.get("train_images_per_s"):
+            row["cached_views_speedup"] = (opt["cached_views_train_images_per_s"]
+                                           / ref["train_images_per_s"])
     if opt and peak:
         for kind in ("train", "eval"):
             flops, rate = opt.get(f"{kind}_flops_per_image"), opt.get(f"{kind}_images_per_s")

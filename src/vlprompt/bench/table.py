@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 COLUMNS = ("method", "batch", "train img/s", "ref train img/s", "train ×", "eval img/s",
-           "ref eval img/s", "eval ×", "train GFLOP/img", "eval GFLOP/img", "peak MiB (train)")
+           "ref eval img/s", "eval ×", "cached-views train img/s", "cached ×", "train GFLOP/img", "eval GFLOP/img", "peak MiB (train)")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -26,6 +26,8 @@ def table_rows(report: dict) -> list[list[str]]:
                  _fmt(opt.get("train_images_per_s")), _fmt(ref.get("train_images_per_s")),
                  _fmt(row.get("train_speedup")), _fmt(opt.get("eval_images_per_s")),
                  _fmt(ref.get("eval_images_per_s")), _fmt(row.get("eval_speedup")),
+                 _fmt(opt.get("cached_views_train_images_per_s")),
+                 _fmt(row.get("cached_views_speedup")),
                  _fmt(flops_t / 1e9 if flops_t else None, 1),
                  _fmt(flops_e / 1e9 if flops_e else None, 1),
                  _fmt(opt.get("train_peak_mb"), 0)]

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import distributed as D
+from .cached_views import check_cached_views
 from .evaluate import autocast, autocast_dtype, evaluate_method
 from .optim import build_optimizer, set_epoch_lr, set_step_lr
 from .rundir import RunDir, best_folder_name
@@ -390,32 +391,59 @@ def _all_reduce_terms(params: list, grads: dict[str, list[torch.Tensor]]
     return out
 
 
-def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: dict) -> None:
+def _train_loader(dataset: Dataset, config: TrainConfig, device: torch.device, timing: dict
+                  ) -> tuple[DataLoader, D.EpochSampler]:
+    """The run's training loader and its sampler, built once: worker processes persist across
+    epochs (``persistent_workers``) and prefetch, and each epoch sets the sampler's order
+    (``EpochSampler.set_epoch``) before iterating. Augmentation draws from a generator seeded per
+    item (``SeededItems``), so neither the workers' RNG nor their number changes the batches."""
+    workers = timing["loader_workers"]
+    sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
+    items = dataset if getattr(dataset, "takes_seeds", False) else SeededItems(dataset)
+    loader = DataLoader(items, batch_size=timing["per_rank_batch"], sampler=sampler,
+                        drop_last=timing["drop_last"], num_workers=workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(config.seed + D.rank()),
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    return loader, sampler
+
+
+def _batches(loader: DataLoader, timing: dict):
+    """The loader's batches, adding the time spent waiting for each to ``timing["data_wait_s"]``
+    (the data stall: time the step could not start because its batch was not ready)."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            timing["data_wait_s"] += time.perf_counter() - start
+        yield batch
+
+
+def _run_epoch(loop: _Loop, loader: DataLoader, sampler: D.EpochSampler, progress: Progress,
+               bar, timing: dict) -> None:
     """Train from ``progress`` to the end of its epoch, committing mid-epoch checkpoints as
     configured; updates ``progress`` (epoch done when this returns)."""
     config, device = loop.config, loop.device
     epoch = progress.epoch
-    seed = D.epoch_seed(config.seed, epoch)
     if progress.step == 0:  # a mid-epoch resume has the RNG state of its checkpoint
-        seed_everything(seed + D.rank())
+        seed_everything(D.epoch_seed(config.seed, epoch) + D.rank())
     per_rank_batch = timing["per_rank_batch"]
-    sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
     steps_per_epoch = timing["steps_per_epoch"]
     # the steps this epoch runs: all of them, except in the last epoch of a ``max_steps`` budget
     epoch_steps = min(steps_per_epoch, timing["total_steps"] - epoch * steps_per_epoch)
-    sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
     # drop_last is decided on the whole epoch, so a resumed epoch keeps the same batches
-    loader = DataLoader(SeededItems(dataset), batch_size=per_rank_batch, sampler=sampler,
-                        drop_last=timing["drop_last"], num_workers=timing["num_workers"],
-                        pin_memory=device.type == "cuda", worker_init_fn=_seed_worker,
-                        generator=torch.Generator().manual_seed(seed + D.rank()),
-                        persistent_workers=False)
+    sampler.set_epoch(epoch, start=progress.step * per_rank_batch)
     per_step_lr = config.lr_scheduler == "cosine_step"
     lrs = set_epoch_lr(loop.optimizer, epoch, config)
     loop.method.train()
     epoch_start = time.time()
     last_save = time.time()
-    for images, labels in loader:
+    loop_start = time.perf_counter()
+    for images, labels in _batches(loader, timing):
         step = progress.step
         if per_step_lr:
             lrs = set_step_lr(loop.optimizer, epoch * steps_per_epoch + step, config,
@@ -437,6 +465,7 @@ def _run_epoch(loop: _Loop, dataset: Dataset, progress: Progress, bar, timing: d
             progress.elapsed += time.time() - epoch_start
             epoch_start = last_save = time.time()
             loop.save(progress)
+    timing["loop_s"] += time.perf_counter() - loop_start
     keys = sorted(progress.sums)
     totals = dict(zip(keys, D.all_reduce_sum([progress.sums[k] for k in keys], device)))
     progress.loss_history.append(totals["loss"] / max(totals["n"], 1.0))
@@ -568,6 +597,7 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
                          f"processes ({world}) times train.grad_accum ({config.grad_accum})")
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
+    check_cached_views(method, config.cached_views)
     if config.select == "best_val" and (val_set is None or len(val_set) == 0):
         raise ValueError("train.select=best_val needs a val split to select on, and this run has "
                          "none; use train.select=last")
@@ -594,8 +624,13 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     steps_per_epoch = layout["steps_per_epoch"]
     total_steps = config.max_steps or steps_per_epoch * config.max_epoch
     remaining = total_steps - (steps_per_epoch * progress.epoch + progress.step)
+    num_workers = resolve_num_workers(config.num_workers)
+    if config.cached_views:
+        dataset = _view_features(loop, dataset, num_workers, show_progress)
     timing = {**layout, "total_steps": total_steps, "remaining": remaining, "steps_done": 0,
-              "start": time.time(), "num_workers": resolve_num_workers(config.num_workers)}
+              "start": time.time(), "num_workers": num_workers, "data_wait_s": 0.0,
+              "loop_s": 0.0, "loader_workers": 0 if config.cached_views else num_workers}
+    loader, sampler = _train_loader(dataset, config, device, timing)
     bar = _progress_bar(remaining, show_progress)
     redirect = contextlib.nullcontext()
     if not bar.disable:
@@ -605,7 +640,7 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     try:
         with redirect, training_switches(config):
             while progress.epoch < config.max_epoch:
-                _run_epoch(loop, dataset, progress, bar, timing)
+                _run_epoch(loop, loader, sampler, progress, bar, timing)
                 if config.select == "best_val":
                     _validate(loop, val_set, progress, timing["num_workers"])
                 save(progress)
@@ -625,4 +660,37 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     if D.is_main():
         logger.info("Finish training")
     _load_best(loop, progress)
-    return progress.summary(config.max_epoch)
+    return {**progress.summary(config.max_epoch), **_stall_summary(timing)}
+
+
+def _stall_summary(timing: dict) -> dict:
+    """The data stall of this process's training steps: the share of the training loop's wall
+    time spent waiting for batches (logged, and kept in the run's results)."""
+    if not timing["loop_s"]:
+        return {}
+    fraction = timing["data_wait_s"] / timing["loop_s"]
+    if D.is_main():
+        logger.info("data loading stalled training for %.1f%% of its time (%.1fs of %.1fs)",
+                    100 * fraction, timing["data_wait_s"], timing["loop_s"])
+    return {"data_stall_fraction": round(fraction, 4)}
+
+
+def _view_features(loop: _Loop, dataset: Dataset, num_workers: int,
+                   show_progress: Optional[bool]) -> Dataset:
+    """``train.cached_views``: the features of the pre-drawn views of ``dataset``'s images, as
+    the dataset the loop trains on (``engine.cached_views``)."""
+    from .cached_views import draw_view_features
+
+    config = loop.config
+    total = config.cached_views * len(dataset)
+    if D.is_main():
+        logger.info("cached views: drawing %d augmented views of each of %d training images "
+                    "(%d image-tower passes, once)", config.cached_views, len(dataset), total)
+    bar = _progress_bar(total, show_progress)
+    try:
+        return draw_view_features(loop.method, dataset, config.cached_views, config.seed,
+                                  config.eval_batch_size, config.precision, loop.device,
+                                  num_workers, progress=lambda done, _: bar.update(
+                                      done - bar.n))
+    finally:
+        bar.close()

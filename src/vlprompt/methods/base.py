@@ -76,6 +76,10 @@ class Method(nn.Module):
     #: for every method that prompts, hooks, reads the tokens of or adapts the image tower (a ViT
     #: has them, a ResNet has not). Checked once, in ``__init__``, naming no backbone family.
     requires: ClassVar[frozenset] = frozenset()
+    #: True when the method reads the pixels only through ``frozen_image_features`` (the frozen,
+    #: unprompted image tower): its training may then run on cached features of pre-drawn
+    #: augmented views (``train.cached_views``, a named approximation), never running the tower
+    frozen_image_tower: ClassVar[bool] = False
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], config: Any = None,
                  template: Optional[str] = None):
@@ -273,6 +277,16 @@ class Method(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.clip.logit_scale.device
+
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """Features [B, E] of the frozen, unprompted image tower for images [B, 3, S, S].
+
+        Features computed beforehand ([B, E]: the engine's cached views, ``train.cached_views``)
+        pass through as they are, so the methods that read pixels only through this call
+        (``frozen_image_tower``) train on them without a change."""
+        if images.dim() == 2:
+            return images
+        return self.clip.encode_image(images.to(self.clip.dtype))
 
     def logits(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         """CLIP logits: logit_scale.exp() * cos(image, text) (+ SigLIP's ``logit_bias``:

@@ -51,6 +51,7 @@ class CoCoOp(Method):
     """Learnable: ``ctx`` [M, Dt]; ``meta_net`` Linear(E -> E/16) -> ReLU -> Linear(E/16 -> Dt)."""
 
     name = "cocoop"
+    frozen_image_tower = True
     description = "CoCoOp: image-conditional context via a meta-net (CVPR 2022)"
     Config = CoCoOpConfig
     #: checkpoint layout of the official trainer (``vlprompt.interop``)
@@ -93,7 +94,7 @@ class CoCoOp(Method):
 
     def forward_features(self, images: Tensor) -> Features:
         """Raw image features [B, E], per-image text features [B, C, E] and their logits."""
-        image_features = self.clip.encode_image(images)  # [B, E]
+        image_features = self.frozen_image_features(images)  # [B, E]
         text = self.text_features(self.conditional_context(image_features))  # [B, C, E]
         return Features(image_features, text, self.logits(image_features, text))
 

@@ -27,6 +27,7 @@ class CoOp(Method):
     """
 
     name = "coop"
+    frozen_image_tower = True
     description = "CoOp: M learnable context vectors shared by the classes (or class-specific)"
     #: checkpoint layout of the official trainer (``vlprompt.interop``)
     official_layout = OfficialLayout(
@@ -96,7 +97,7 @@ class CoOp(Method):
 
     def forward_features(self, images: Tensor) -> Features:
         """Raw image [B, E] and text [C, E] features (fp32) and their logits."""
-        image_features = self.clip.encode_image(images.to(self.clip.dtype)).float()
+        image_features = self.frozen_image_features(images).float()
         text_features = self._text_features_cached().float()
         return Features(image_features, text_features, self.logits(image_features, text_features))
 

@@ -228,6 +228,11 @@ class DePT(Method):
         target = labels if self.head is None else self.class_rows[labels]  # [B]
         return F.cross_entropy(self._head(x, row_text), torch.cat([target, target]))
 
+    @property
+    def frozen_image_tower(self) -> bool:  # type: ignore[override]
+        """As its base method's: the heads read only the features the base computes."""
+        return self.base.frozen_image_tower
+
     # ------------------------------------------------------------------ forward / loss
     def forward(self, images: Tensor) -> Tensor:
         features = self.base.forward_features(images)

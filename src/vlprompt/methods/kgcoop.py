@@ -45,6 +45,7 @@ class KgCoOp(Method):
     computed once per class list on first use in ``loss``."""
 
     name = "kgcoop"
+    frozen_image_tower = True
     template_variant = "kgcoop"  # DTD: "a photo of a {}, a type of texture."
     description = ("KgCoOp: CoOp regularised towards hand-crafted prompt features "
                    "(CVPR 2023)")
@@ -86,7 +87,7 @@ class KgCoOp(Method):
 
     def forward_features(self, images: Tensor) -> Features:
         """Raw image [B, E] and text [C, E] features and their logits."""
-        image_features = self.clip.encode_image(images)
+        image_features = self.frozen_image_features(images)
         text = self.cached_class_features(self.text_features)
         return Features(image_features, text, self.logits(image_features, text))
 

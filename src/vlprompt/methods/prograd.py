@@ -164,7 +164,7 @@ class ProGrad(CoOp):
     def loss_terms(self, images: Tensor, labels: Tensor
                    ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """{"ce": L_ce, "kd": L_kd} (the gradients ``combine_gradients`` projects) and parts."""
-        image = self.clip.encode_image(images.to(self.clip.dtype)).float()  # [B, E]
+        image = self.frozen_image_features(images).float()  # [B, E]
         logits = self.logits(image, self.text_features().float())  # [B, C]
         with torch.no_grad():
             teacher = self.logits(image, self.zero_shot_features())  # [B, C]

@@ -125,15 +125,14 @@ class PromptKD(Method):
     transductive: ClassVar[bool] = True
 
     def __init__(self, clip: CLIP, classnames: Sequence[str],
-                 config: Optional[PromptKDConfig] = None, template: Optional[str] = None):
+                 config: Optional[PromptKDConfig] = None, template: Optional[str] = None,
+                 teacher: Optional[Method] = None):
+        """``teacher``: a method object to distil (``vlprompt bench`` gives a random-weight one);
+        None (the engine's way): the finished run ``config.teacher`` names."""
         super().__init__(clip, classnames, config, template)
         cfg = self.config
-        if cfg.teacher == "auto":
-            raise ValueError("promptkd: teacher 'auto' is resolved by the engine ('vlprompt "
-                             "train/run'); to build the method directly pass teacher=<run folder>")
-        from ..engine.run import load_trained_method  # the teacher is a finished run
-
-        teacher = load_trained_method(cfg.teacher, self.classnames)
+        if teacher is None:
+            teacher = self._load_teacher(cfg)
         teacher.requires_grad_(False)
         teacher.eval()
         if teacher.clip.image_size != clip.image_size:
@@ -146,6 +145,14 @@ class PromptKD(Method):
         self.vision = VisionPrompts(clip, cfg.n_ctx_vision, cfg.depth)
         self.project = projector(clip.embed_dim, teacher.clip.embed_dim, self.device)
         self.register_buffer("teacher_text", None, persistent=False)
+
+    def _load_teacher(self, cfg: PromptKDConfig) -> Method:
+        if cfg.teacher == "auto":
+            raise ValueError("promptkd: teacher 'auto' is resolved by the engine ('vlprompt "
+                             "train/run'); to build the method directly pass teacher=<run folder>")
+        from ..engine.run import load_trained_method  # the teacher is a finished run
+
+        return load_trained_method(cfg.teacher, self.classnames)
 
     # ------------------------------------------------------------------ engine seams
     @classmethod

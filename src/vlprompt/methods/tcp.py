@@ -201,7 +201,7 @@ class TCP(CoOp):
 
     def loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         text = self.text_features().float()  # [C, E]
-        image = self.clip.encode_image(images.to(self.clip.dtype)).float()  # [B, E]
+        image = self.frozen_image_features(images).float()  # [B, E]
         logits = self.logits(image, text)
         ce = F.cross_entropy(logits, labels)
         cos = (F.normalize(text, dim=-1) * self.class_embeddings()).sum(-1)  # [C]

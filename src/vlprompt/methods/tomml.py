@@ -96,6 +96,8 @@ class TOMML(CoCoOp):
     Class queries [C, E] are a non-persistent buffer computed once per class list."""
 
     name = "tomml"
+    #: reads the frozen tower's patch tokens (``frozen_image``), not only its features
+    frozen_image_tower = False
     requires = frozenset({VISUAL_PROMPTS})
     description = ("TOMML: class-aware text prompts + text-guided feature tuning "
                    "(vlprompt design after ICCV 2023)")

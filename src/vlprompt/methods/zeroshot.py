@@ -37,6 +37,7 @@ class ZeroShotCLIP(Method):
     list and kept as a (non-persistent) buffer, so they follow the model across devices."""
 
     name = "zeroshot"
+    frozen_image_tower = True
     description = "Zero-shot CLIP: hand-crafted prompt(s) per class, nothing trained"
     trainable = False
 
@@ -62,5 +63,5 @@ class ZeroShotCLIP(Method):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        image_features = self.clip.encode_image(images.to(self.clip.dtype))
+        image_features = self.frozen_image_features(images)
         return self.logits(image_features.float(), self.text_features)
