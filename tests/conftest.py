@@ -30,6 +30,10 @@ def pytest_configure(config):
     import tempfile
 
     os.environ.setdefault("VLPROMPT_CACHE", tempfile.mkdtemp(prefix="vlprompt-test-cache-"))
+    # ``train.precision: auto`` means bf16 on CPUs with native bf16: the tests compare numbers with
+    # fp32 references, so on every machine (and in the CLI subprocesses) auto is fp32 on CPU;
+    # tests/engine/test_precision.py checks the choice itself
+    os.environ["VLPROMPT_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="module")

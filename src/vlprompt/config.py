@@ -53,7 +53,9 @@ class TrainConfig:
     #: RandomResizedCrop's area range for the "standard" training augmentation (torchvision's
     #: and Dassl's default (0.08, 1); MMRL's configs use (0.5, 1))
     crop_scale: list = dataclasses.field(default_factory=lambda: [0.08, 1.0])
-    #: "auto" (bf16 on GPUs that have it, else fp16; fp32 on CPU), "fp32", "bf16" or "fp16"
+    #: "auto" (bf16 on GPUs that have it, else fp16; on CPU bf16 where it is native, AVX512-BF16
+    #: or AMX, else fp32; ``$VLPROMPT_CPU_BF16`` = 0/1 decides), "fp32" (exact reproduction on
+    #: any machine), "bf16" or "fp16"
     precision: str = "auto"
     #: split each batch into this many chunks (same gradient, less memory)
     grad_accum: int = 1

@@ -138,3 +138,26 @@ def default_num_workers() -> int:
 def resolve_num_workers(value: Optional[int]) -> int:
     """``num_workers`` from a config: None or negative means "choose from the machine"."""
     return default_num_workers() if value is None or value < 0 else value
+
+
+_MEMINFO = Path("/proc/meminfo")
+#: free memory assumed where the OS does not say (macOS, Windows without psutil)
+_UNKNOWN_FREE_BYTES = 4 * 2 ** 30
+
+
+def free_memory_bytes(device) -> int:
+    """Memory a computation on ``device`` can still allocate: the GPU's free memory
+    (``torch.cuda.mem_get_info``) or the host's ``MemAvailable`` (/proc/meminfo); 4 GiB where
+    neither can be read."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UNKNOWN_FREE_BYTES

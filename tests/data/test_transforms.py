@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from vlprompt.data import CLIP_MEAN, CLIP_STD, Record, build_loader, build_transform
-from vlprompt.data.transforms import center_crop, random_resized_crop_params, resize_shorter
+from vlprompt.data.transforms import (center_crop, crop_resized, random_resized_crop_params,
+                                      resize_shorter, to_normalized_tensor)
 
 
 def photo(w=64, h=48, seed=0):
@@ -72,6 +73,29 @@ def test_train_transform_deterministic_for_seed():
     g1 = build_transform(True, 24, generator=torch.Generator().manual_seed(9))
     g2 = build_transform(True, 24, generator=torch.Generator().manual_seed(9))
     assert torch.equal(g1(img), g2(img))
+
+
+def test_train_transform_default_path_is_crop_then_resize():
+    """Without a cache or draft decoding: torchvision's crop + resize + flip, draw for draw."""
+    img = photo(80, 60, seed=3)
+    for seed in range(4):
+        got = build_transform(True, 24, generator=torch.Generator().manual_seed(seed))(img)
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = random_resized_crop_params(80, 60, generator=g)
+        ref = img.crop((left, top, left + w, top + h)).resize((24, 24), Image.BICUBIC)
+        if torch.rand(1, generator=g).item() < 0.5:
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+        assert torch.equal(got, to_normalized_tensor(ref))
+
+
+def test_crop_resized_maps_the_full_resolution_box():
+    """A box in full-resolution coordinates samples the same region of a smaller image."""
+    full = np.zeros((60, 80, 3), np.uint8)
+    full[:, 40:] = 255  # right half white
+    small = Image.fromarray(full).resize((40, 30), Image.NEAREST)
+    right = np.asarray(crop_resized(small, (80, 60), (44, 0, 80, 60), 16))
+    left = np.asarray(crop_resized(small, (80, 60), (0, 0, 36, 60), 16))
+    assert right.min() == 255 and left.max() == 0
 
 
 def test_fast_decode_reads_jpeg(tmp_path):

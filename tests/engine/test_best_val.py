@@ -72,7 +72,8 @@ def best_tensors(folder):
 def test_select_last_is_unchanged_and_best_val_trains_the_same_tensors(world, tmp_path):
     _, last, _ = train(world, tmp_path / "last", cls=CoOp, select="last")
     header = read_header(tmp_path / "last")
-    assert set(last) == {"epochs", "loss_history", "time_s", "finished", "data_stall_fraction"}
+    assert set(last) == {"epochs", "loss_history", "time_s", "finished", "data_stall_fraction",
+                         "precision"}
     assert not {"select", "best", "val_history"} & set(header)
     assert not [p for p in (tmp_path / "last" / "checkpoints").iterdir()
                 if p.name.startswith("best-")]

@@ -105,6 +105,42 @@ def test_cocoop_chunked_equals_unchunked(tiny_clip, chunk):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+def test_cocoop_auto_chunks_fit_the_free_memory_and_equal_one_call(tiny_clip, monkeypatch):
+    """``text_chunk_size: auto``: the largest power of two of prompts that fits a quarter of the
+    free memory (at least 1, at most B x C), giving the logits and gradients of one call."""
+    import vlprompt.runtime as runtime
+    from vlprompt.methods import prompts as P
+
+    per_prompt = (5 * tiny_clip.text_width + tiny_clip.config.text_heads * 9) * 9 * 4
+    calls = []
+    real = tiny_clip.encode_text_embeddings
+
+    def counted(emb, *args, **kwargs):
+        calls.append(emb.shape[0])
+        return real(emb, *args, **kwargs)
+
+    for free_prompts, expected in ((2.5, 2), (5, 4), (1000, 12), (0.1, 1)):
+        monkeypatch.setattr(runtime, "free_memory_bytes",
+                            lambda device, n=free_prompts: int(4 * n * per_prompt))
+        assert P.auto_chunk_size(tiny_clip, 9, 12, torch.device("cpu"), False) == expected
+    monkeypatch.setattr(runtime, "free_memory_bytes", lambda device: int(4 * 5.5 * per_prompt))
+    x = images(3)
+    results = []
+    for size in (0, "auto"):
+        torch.manual_seed(0)
+        method = build_method("cocoop", tiny_clip, CLASSNAMES, text_chunk_size=size)
+        calls.clear()
+        monkeypatch.setattr(tiny_clip, "encode_text_embeddings", counted)
+        logits = method(x)
+        logits.square().mean().backward()
+        results.append((logits.detach(), method.ctx.grad.clone(), list(calls)))
+    assert results[0][2] == [12] and max(results[1][2]) <= 8 and sum(results[1][2]) == 12
+    for a, b in zip(results[1][:2], results[0][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    with pytest.raises(ValueError, match="integer >= 0 .* or auto"):
+        build_method("cocoop", tiny_clip, CLASSNAMES, text_chunk_size="big")
+
+
 def test_cocoop_chunk_assembly_matches_assemble_per_sample(tiny_clip):
     method = build_method("cocoop", tiny_clip, CLASSNAMES, text_chunk_size=5)
     ctx = torch.randn(3, 4, 64)

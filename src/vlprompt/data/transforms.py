@@ -11,18 +11,25 @@ Also (CoPrompt, METHODS-SOTA.md §3): Dassl's ``["randaugment", "normalize"]`` t
 (``RandAugmentTransform``) and several views of one image per item (``MultiViewTransform``,
 ``[V, 3, S, S]``, collated to ``[B, V, 3, S, S]``), chosen with ``build_transform(augment=...,
 views=...)``.
+
+Decoding is exchangeable (``load_image``): full decode, JPEG draft decode (``fast_decode``) or an
+on-disk uint8 cache of downsized images (``image_cache.ImageCache``); the last two are named
+approximations for training, and the cache is exact for the test transform.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+if TYPE_CHECKING:  # image_cache imports this module
+    from .image_cache import ImageCache
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,15 +37,26 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = Union[str, "os.PathLike[str]", Image.Image]
 
 
-def open_image(source: ImageInput, draft_size: Optional[int] = None) -> Image.Image:
-    """An RGB PIL image. ``draft_size`` lets JPEG decoding skip resolution it will not need
-    (``Image.draft``: DCT scaling to >= that size), which is faster but not bit-identical."""
+def decode_image(source: ImageInput, draft_size: Optional[int] = None
+                 ) -> Tuple[Image.Image, Tuple[int, int]]:
+    """(RGB image, the (width, height) of the full-resolution image it stands for). The two
+    differ after draft decoding: the random crop is drawn in full-resolution coordinates so that
+    its geometry does not depend on how many pixels the decoder kept."""
     if isinstance(source, Image.Image):
-        return source.convert("RGB") if source.mode != "RGB" else source
+        img = source.convert("RGB") if source.mode != "RGB" else source
+        return img, img.size
     with Image.open(source) as img:
+        full_size = img.size
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
-        return img.convert("RGB")
+        return img.convert("RGB"), full_size
+
+
+def open_image(source: ImageInput, draft_size: Optional[int] = None) -> Image.Image:
+    """An RGB PIL image. ``draft_size`` lets JPEG decoding skip resolution it will not need
+    (``Image.draft``: DCT scaling by 1/2, 1/4 or 1/8 while both sides stay >= ``draft_size``),
+    which is faster but not bit-identical (``build_transform``)."""
+    return decode_image(source, draft_size)[0]
 
 
 def to_normalized_tensor(img: Image.Image, mean: Sequence[float] = CLIP_MEAN,
@@ -102,43 +120,75 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def crop_resized(img: Image.Image, full_size: Tuple[int, int], box: Tuple[int, int, int, int],
+                 size: int) -> Image.Image:
+    """The full-resolution ``box`` (left, top, right, bottom) of ``img`` resized to ``size`` x
+    ``size``. A full-size ``img`` is cropped then resized (torchvision's pixels); a smaller one
+    of the same scene (draft decode, image cache) resamples the box scaled to its pixels, as
+    fractions, so the region is the same and only the sampling differs."""
+    if img.size == tuple(full_size):
+        return img.crop(box).resize((size, size), Image.BICUBIC)
+    scale_x, scale_y = img.width / full_size[0], img.height / full_size[1]
+    left, top, right, bottom = box
+    return img.resize((size, size), Image.BICUBIC,
+                      box=(left * scale_x, top * scale_y, right * scale_x, bottom * scale_y))
+
+
+def load_image(source: ImageInput, fast_decode: bool, size: int, cache: Optional["ImageCache"]
+               ) -> Tuple[Image.Image, Tuple[int, int]]:
+    """(image, full-resolution size) as a transform reads it: from ``cache`` when given (which
+    then decides the decoding), else decoded, in JPEG draft mode to >= ``size`` if
+    ``fast_decode``."""
+    if cache is not None:
+        return cache.load(source)
+    return decode_image(source, size if fast_decode else None)
+
+
 class TrainTransform:
     """RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize (CLIP statistics)."""
 
     def __init__(self, image_size: int = 224, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5,
-                 fast_decode: bool = False, generator: Optional[torch.Generator] = None):
+                 fast_decode: bool = False, generator: Optional[torch.Generator] = None,
+                 cache: Optional["ImageCache"] = None):
         self.image_size, self.scale, self.ratio, self.flip_p = image_size, scale, ratio, flip_p
-        self.fast_decode, self.generator = fast_decode, generator
+        self.fast_decode, self.generator, self.cache = fast_decode, generator, cache
 
-    def __call__(self, source: ImageInput) -> Tensor:
-        img = open_image(source, self.image_size if self.fast_decode else None)
-        top, left, h, w = random_resized_crop_params(*img.size, self.scale, self.ratio,
+    def load(self, source: ImageInput) -> Tuple[Image.Image, Tuple[int, int]]:
+        return load_image(source, self.fast_decode, self.image_size, self.cache)
+
+    def augment(self, img: Image.Image, full_size: Tuple[int, int]) -> Tensor:
+        """One random view; the crop box is drawn in full-resolution coordinates."""
+        top, left, h, w = random_resized_crop_params(*full_size, self.scale, self.ratio,
                                                      self.generator)
-        img = img.crop((left, top, left + w, top + h)).resize(
-            (self.image_size, self.image_size), Image.BICUBIC)
+        img = crop_resized(img, full_size, (left, top, left + w, top + h), self.image_size)
         if torch.rand(1, generator=self.generator).item() < self.flip_p:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return to_normalized_tensor(img)  # [3,S,S]
 
+    def __call__(self, source: ImageInput) -> Tensor:
+        return self.augment(*self.load(source))  # [3,S,S]
+
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.image_size}, scale={self.scale}, "
-                f"flip_p={self.flip_p}, fast_decode={self.fast_decode})")
+                f"flip_p={self.flip_p}, fast_decode={self.fast_decode}, cache={self.cache!r})")
 
 
 class TestTransform:
     """Resize(shorter side, bicubic) + CenterCrop + ToTensor + Normalize (CLIP ``preprocess``)."""
 
-    def __init__(self, image_size: int = 224, fast_decode: bool = False):
-        self.image_size, self.fast_decode = image_size, fast_decode
+    def __init__(self, image_size: int = 224, fast_decode: bool = False,
+                 cache: Optional["ImageCache"] = None):
+        self.image_size, self.fast_decode, self.cache = image_size, fast_decode, cache
 
     def __call__(self, source: ImageInput) -> Tensor:
-        img = open_image(source, self.image_size if self.fast_decode else None)
+        img, _ = load_image(source, self.fast_decode, self.image_size, self.cache)
         img = center_crop(resize_shorter(img, self.image_size), self.image_size)
         return to_normalized_tensor(img)  # [3,S,S]
 
     def __repr__(self) -> str:
-        return f"TestTransform(size={self.image_size}, fast_decode={self.fast_decode})"
+        return (f"TestTransform(size={self.image_size}, fast_decode={self.fast_decode}, "
+                f"cache={self.cache!r})")
 
 
 class RandAugmentTransform:
@@ -148,20 +198,28 @@ class RandAugmentTransform:
     Normalize. No crop, no flip."""
 
     def __init__(self, image_size: int = 224, n: int = 2, m: float = 10,
-                 fast_decode: bool = False, generator: Optional[torch.Generator] = None):
+                 fast_decode: bool = False, generator: Optional[torch.Generator] = None,
+                 cache: Optional["ImageCache"] = None):
         from .randaugment import RandAugment
 
         self.image_size, self.fast_decode, self.generator = image_size, fast_decode, generator
+        self.cache = cache
         self.randaugment = RandAugment(n, m)
 
-    def __call__(self, source: ImageInput) -> Tensor:
-        img = open_image(source, self.image_size if self.fast_decode else None)
+    def load(self, source: ImageInput) -> Tuple[Image.Image, Tuple[int, int]]:
+        return load_image(source, self.fast_decode, self.image_size, self.cache)
+
+    def augment(self, img: Image.Image, full_size: Tuple[int, int]) -> Tensor:
+        """One random view (``full_size`` is unused: the whole image is resized)."""
         img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
         return to_normalized_tensor(self.randaugment(img, self.generator))  # [3,S,S]
 
+    def __call__(self, source: ImageInput) -> Tensor:
+        return self.augment(*self.load(source))  # [3,S,S]
+
     def __repr__(self) -> str:
         return (f"RandAugmentTransform(size={self.image_size}, {self.randaugment!r}, "
-                f"fast_decode={self.fast_decode})")
+                f"fast_decode={self.fast_decode}, cache={self.cache!r})")
 
 
 class MultiViewTransform:
@@ -183,8 +241,9 @@ class MultiViewTransform:
         self.base.generator = value
 
     def __call__(self, source: ImageInput) -> Tensor:
-        img = open_image(source, self.base.image_size if self.base.fast_decode else None)
-        return torch.stack([self.base(img) for _ in range(self.views)])  # [V,3,S,S]
+        img, full_size = self.base.load(source)
+        return torch.stack([self.base.augment(img, full_size)
+                            for _ in range(self.views)])  # [V,3,S,S]
 
     def __repr__(self) -> str:
         return f"MultiViewTransform({self.base!r}, views={self.views})"
@@ -196,7 +255,8 @@ AUGMENTATIONS = ("standard", "resize_randaugment")
 
 def build_transform(train: bool, image_size: int = 224, fast_decode: bool = False,
                     generator: Optional[torch.Generator] = None, *, augment: str = "standard",
-                    views: int = 1, crop_scale: Tuple[float, float] = (0.08, 1.0)):
+                    views: int = 1, crop_scale: Tuple[float, float] = (0.08, 1.0),
+                    cache: Optional["ImageCache"] = None):
     """The train or test pipeline: callable(path | PIL image) -> normalised ``[3, S, S]`` tensor
     (``[views, 3, S, S]`` for a training transform with ``views > 1``).
 
@@ -206,20 +266,33 @@ def build_transform(train: bool, image_size: int = 224, fast_decode: bool = Fals
     for theirs with the attributes ``train_augment`` and
     ``train_views`` (the engine reads them; absent = "standard", 1 view).
 
-    ``fast_decode`` opts into JPEG draft decoding (reduced-size DCT decode). It is much faster on
-    large photos but its pixels differ slightly from a full decode, so results are not
-    bit-identical to the reference pipeline. Train randomness uses ``generator`` or, if None,
-    torch's global generator (seeded per worker by the DataLoader).
+    ``fast_decode`` (``train.fast_decode``, a named approximation) opts into JPEG draft
+    decoding: the DCT is scaled by 1/2, 1/4 or 1/8 while both sides stay >= ``image_size``.
+    It is exact only where it does nothing: Pillow drafts only when the scaled image keeps both
+    sides >= ``image_size``, i.e. for images at least twice that size (500x375 at 224: never
+    drafted, identical, no gain). Where it drafts, the DCT-domain reduction replaces part of the
+    bicubic downsampling and pixels differ: ``benchmarks/data_pipeline.py``, 1600x1200 q90 photos
+    at 224 (drafted to 400x300), mean / max |normalised difference| 0.0071 / 0.20 for the test
+    transform and 0.0105 / 0.73 for training, at 2.4-4x the images/s. Hence a named
+    approximation (``train.fast_decode``), off by default.
+
+    ``cache`` (``train.image_cache``, ``image_cache.ImageCache``) reads images decoded and
+    resized once, and then decides the decoding (its ``draft``). Exact for the test transform
+    when ``cache.size == image_size``; an approximation for training (see that module).
+
+    Train randomness uses ``generator`` or, if None, torch's global generator (seeded per
+    worker by the DataLoader).
     """
     if not train:
-        return TestTransform(image_size, fast_decode=fast_decode)
+        return TestTransform(image_size, fast_decode=fast_decode, cache=cache)
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     if augment == "standard":
         base = TrainTransform(image_size, scale=crop_scale, fast_decode=fast_decode,
-                              generator=generator)
+                              generator=generator, cache=cache)
     elif augment == "resize_randaugment":
-        base = RandAugmentTransform(image_size, fast_decode=fast_decode, generator=generator)
+        base = RandAugmentTransform(image_size, fast_decode=fast_decode, generator=generator,
+                                    cache=cache)
     else:
         raise ValueError(f"unknown training augmentation {augment!r}; known: "
                          f"{', '.join(AUGMENTATIONS)}")

@@ -151,10 +151,10 @@ def _log_result(title: str, entry: dict) -> None:
 
 def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfig,
               device: torch.device, dataset: str, subsample: str, skip_bad: bool) -> Evaluation:
-    from ..data import ImageDataset, build_transform
+    from ..data import ImageDataset
     from ..runtime import resolve_num_workers
 
-    test_set = ImageDataset(records, build_transform(False, image_size), dataset=dataset)
+    test_set = ImageDataset(records, _test_transform(image_size, train_cfg), dataset=dataset)
     wanted = [c.replace("_", " ") for c in classnames]
     if model.classnames != wanted:  # e.g. a transductive method trained on every class
         model.set_classnames(list(classnames))
@@ -168,14 +168,30 @@ def _evaluate(model, records, classnames, image_size: int, train_cfg: TrainConfi
     return Evaluation.from_dict({"dataset": dataset, "subsample": subsample, **entry})
 
 
-def _train_transform(model, image_size: int, crop_scale=(0.08, 1.0)):
+def _train_transform(model, image_size: int, train_cfg: Optional[TrainConfig] = None):
     """The training views a method asks for: ``train_augment`` (default "standard": RRC + flip,
     its area range ``train.crop_scale``) and ``train_views`` (default 1; V > 1 gives items
-    ``[V, 3, S, S]``, batches ``[B, V, 3, S, S]``), e.g. CoPrompt's two RandAugment views."""
+    ``[V, 3, S, S]``, batches ``[B, V, 3, S, S]``), e.g. CoPrompt's two RandAugment views;
+    decoded as ``train.fast_decode`` / ``train.image_cache`` say."""
     from ..data import build_transform
+    from ..data.image_cache import optional_image_cache
 
-    return build_transform(True, image_size, augment=getattr(model, "train_augment", "standard"),
-                           views=getattr(model, "train_views", 1), crop_scale=tuple(crop_scale))
+    cfg = train_cfg if train_cfg is not None else TrainConfig()
+    cache = optional_image_cache(cfg.image_cache, image_size, cfg.fast_decode)
+    return build_transform(True, image_size, cfg.fast_decode,
+                           augment=getattr(model, "train_augment", "standard"),
+                           views=getattr(model, "train_views", 1),
+                           crop_scale=tuple(cfg.crop_scale), cache=cache)
+
+
+def _test_transform(image_size: int, train_cfg: TrainConfig):
+    """The test (and val) transform, decoded as ``train.fast_decode`` / ``train.image_cache``
+    say (the cache is exact for it)."""
+    from ..data import build_transform
+    from ..data.image_cache import optional_image_cache
+
+    cache = optional_image_cache(train_cfg.image_cache, image_size, train_cfg.fast_decode)
+    return build_transform(False, image_size, train_cfg.fast_decode, cache=cache)
 
 
 def _tell_dataset(model, dataset: Optional[str]) -> None:
@@ -189,14 +205,14 @@ def _tell_dataset(model, dataset: Optional[str]) -> None:
 def _val_set(split, train_cfg: TrainConfig, image_size: int):
     """``select: best_val``: the val split of the training classes (few-shot: min(K, 4) per
     class), with the test transform; None with ``select: last``."""
-    from ..data import ImageDataset, build_transform
+    from ..data import ImageDataset
 
     if train_cfg.select != "best_val":
         return None
     if split.val and split.val == split.test and D.is_main():
         logger.warning("%s has no val split of its own (its val split is the test split, as in "
                        "Dassl): select=best_val selects on the test images", split.dataset)
-    return ImageDataset(split.val, build_transform(False, image_size), dataset=split.dataset)
+    return ImageDataset(split.val, _test_transform(image_size, train_cfg), dataset=split.dataset)
 
 
 def _check_existing(run: RunDir, stored_config: dict, key: str, resume: bool,
@@ -338,7 +354,7 @@ def _train_and_test(method_cls, run: RunDir, run_info: dict, stored_config: dict
     header_extra = {"config": config, "dataset": name, "shots": shots, "seed": seed,
                     "subsample": subsample, "protocol": run_info["protocol"]}
     if method_cls.trainable:
-        transform = _train_transform(model, clip.image_size, train_cfg.crop_scale)
+        transform = _train_transform(model, clip.image_size, train_cfg)
         train_set = ImageDataset(train_records, transform, dataset=name)
         train_result = train_method(model, train_set, train_cfg, run_dir=run, device=device,
                                     resume=resume, backbone=run_info["backbone"],

@@ -40,7 +40,7 @@ from ..config import TrainConfig
 from . import checkpoint as ckpt
 from . import distributed as D
 from .cached_views import check_cached_views
-from .evaluate import autocast, autocast_dtype, evaluate_method
+from .evaluate import autocast, autocast_dtype, evaluate_method, resolved_precision
 from .optim import build_optimizer, set_epoch_lr, set_step_lr
 from .rundir import RunDir, best_folder_name
 
@@ -660,7 +660,8 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
     if D.is_main():
         logger.info("Finish training")
     _load_best(loop, progress)
-    return {**progress.summary(config.max_epoch), **_stall_summary(timing)}
+    return {**progress.summary(config.max_epoch), **_stall_summary(timing),
+            "precision": resolved_precision(config.precision, device)}
 
 
 def _stall_summary(timing: dict) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -31,8 +31,11 @@ class CoCoOpConfig(MethodConfig):
     ctx_init: str = "a photo of a"
     #: meta-net hidden width = embed_dim // meta_reduction (512 -> 32 for ViT-B/16)
     meta_reduction: int = 16
-    #: prompts per text-tower call (B x C prompts are split into chunks); 0 = one call
-    text_chunk_size: int = 1024
+    #: prompts per text-tower call (B x C prompts are split into chunks); 0 = one call; "auto":
+    #: what fits a quarter of the free memory (``prompts.auto_chunk_size``). Chunks give the same
+    #: numbers up to float rounding (GEMM kernels may differ by size), so the default is a fixed
+    #: size: a resumed run then ends bit-identical to an uninterrupted one
+    text_chunk_size: Union[int, str] = 1024
     #: recompute each chunk's activations in backward (bounds training memory)
     checkpoint_chunks: bool = False
 
@@ -41,9 +44,11 @@ class CoCoOpConfig(MethodConfig):
             raise ValueError(f"cocoop: n_ctx must be >= 1, got {self.n_ctx}")
         if self.meta_reduction < 1:
             raise ValueError(f"cocoop: meta_reduction must be >= 1, got {self.meta_reduction}")
-        if self.text_chunk_size < 0:
-            raise ValueError(f"cocoop: text_chunk_size must be >= 0 (0 = no chunking), "
-                             f"got {self.text_chunk_size}")
+        if self.text_chunk_size != "auto" and (isinstance(self.text_chunk_size, bool) or not
+                                               isinstance(self.text_chunk_size, int)
+                                               or self.text_chunk_size < 0):
+            raise ValueError(f"cocoop: text_chunk_size must be an integer >= 0 (0 = no "
+                             f"chunking) or auto, got {self.text_chunk_size!r}")
 
 
 @register_method

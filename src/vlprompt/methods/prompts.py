@@ -136,7 +136,31 @@ class TextPrompts(nn.Module):
         return torch.cat([prefix, ctx, rest], dim=2)
 
 
-def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chunk_size: int = 0,
+#: share of the free memory an automatically sized chunk of B x C prompts may use
+CHUNK_MEMORY_SHARE = 0.25
+
+
+def auto_chunk_size(clip: CLIP, length: int, total: int, device: torch.device,
+                    keeps_activations: bool, itemsize: int = 4) -> int:
+    """The prompts per text-tower call that fit ``CHUNK_MEMORY_SHARE`` of the free memory
+    (``runtime.free_memory_bytes``), a power of two, at most ``total``.
+
+    Per prompt of ``length`` tokens and width D with H heads: a chunk whose activations autograd
+    keeps (checkpointed chunks recompute one chunk at a time) holds about (12 D + H L) L values
+    per block; without gradients only one block's temporaries live at once, about
+    (5 D + H L) L. Chunking never changes the result, only the memory and the speed."""
+    from ..runtime import free_memory_bytes
+
+    width, heads, layers = clip.text_width, clip.config.text_heads, clip.transformer.layers
+    per_block = (12 * width + heads * length) if keeps_activations else (5 * width + heads * length)
+    per_prompt = per_block * length * itemsize * (layers if keeps_activations else 1)
+    fits = int(CHUNK_MEMORY_SHARE * free_memory_bytes(device)) // max(per_prompt, 1)
+    size = 1 << max(0, fits.bit_length() - 1) if fits >= 1 else 1
+    return max(1, min(size, total))
+
+
+def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor,
+                              chunk_size: int | str = 0,
                               checkpoint_chunks: bool = False) -> Tensor:
     """Image-conditional prompts through the text tower, B x C prompts in chunks.
 
@@ -149,7 +173,8 @@ def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chu
     Args:
         ctx: per-image context [B, M, D] (shared by the classes) or per-image-and-class context
             [B, C, M, D]; class position "end".
-        chunk_size: prompts per text-tower call; 0 = one call.
+        chunk_size: prompts per text-tower call; 0 = one call; "auto" = what fits a share of
+            the free memory (``auto_chunk_size``).
     Returns:
         text features [B, C, E], unnormalised.
     """
@@ -180,9 +205,14 @@ def encode_per_sample_prompts(clip: CLIP, prompts: TextPrompts, ctx: Tensor, chu
         return clip.encode_text_embeddings(chunk_emb, eot[c])
 
     total = B * C
+    use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
+    if chunk_size == "auto":
+        # checkpointed chunks hold one chunk's activations at a time; otherwise (no gradients, or
+        # every chunk's activations kept whatever its size) the size bounds one block's temporaries
+        chunk_size = auto_chunk_size(clip, length, total, ctx.device, keeps_activations=use_ckpt,
+                                     itemsize=ctx.element_size())
     step = total if chunk_size <= 0 else chunk_size
     step = step if batched else C
-    use_ckpt = checkpoint_chunks and torch.is_grad_enabled() and ctx.requires_grad
     feats = []
     for start in range(0, total, step):
         flat = torch.arange(start, min(start + step, total), device=ctx.device)
