@@ -62,3 +62,25 @@ def _tiny():
 
     torch.manual_seed(0)
     return build_clip(CLIPConfig(**TINY)).requires_grad_(False)
+
+
+def test_resuming_auto_on_a_machine_with_another_precision_warns(tmp_path, monkeypatch, caplog):
+    class Killed(BaseException):
+        pass
+
+    def kill(epoch):
+        raise Killed
+
+    clip = _tiny()
+    config = TrainConfig(max_epoch=2, batch_size=4, num_workers=0, checkpoint_every_minutes=0)
+    monkeypatch.setenv(E.CPU_BF16_ENV, "0")
+    with pytest.raises(Killed):
+        train_method(CoOp(clip, NAMES, CoOp.Config(n_ctx=4)), tensor_data(), config,
+                     run_dir=tmp_path, show_progress=False, epoch_callback=kill)
+    monkeypatch.setenv(E.CPU_BF16_ENV, "1")
+    with caplog.at_level("WARNING"):
+        result = train_method(CoOp(clip, NAMES, CoOp.Config(n_ctx=4)), tensor_data(), config,
+                              run_dir=tmp_path, show_progress=False)
+    assert result["precision"] == "bf16"
+    assert "ran in fp32 and resumes in bf16" in caplog.text
+    assert "train.precision=fp32 to continue" in caplog.text

@@ -28,9 +28,16 @@ def _cli(*args: str) -> list:
 
 
 def _finished(out: Path) -> list:
-    return sorted(p.parent for p in out.rglob("results.json")
-                  if RunDir(p.parent).read_results().finished
-                  and len(RunDir(p.parent).read_results().evaluations) == 2)
+    """The finished runs under ``out``, polled while the sweep writes: a checkpoint generation
+    removed during the walk is a retry, not an error."""
+    for _ in range(20):
+        try:
+            return sorted(p.parent for p in out.rglob("results.json")
+                          if RunDir(p.parent).read_results().finished
+                          and len(RunDir(p.parent).read_results().evaluations) == 2)
+        except FileNotFoundError:
+            time.sleep(0.05)
+    raise AssertionError(f"{out} kept changing during 20 walks")
 
 
 def _same_run(a: Path, b: Path) -> None:

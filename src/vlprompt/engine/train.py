@@ -146,6 +146,7 @@ def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
     if gen is None:
         return Progress()
     header = ckpt.load_generation(gen, loop.method, source=str(run.path))
+    _warn_precision_change(loop, header)
     if header.get("finished"):
         state = None
         with contextlib.suppress(ValueError):
@@ -188,6 +189,16 @@ def _resume(loop: _Loop, resume_from_tensors: bool) -> Progress:
     return _selection_from(loop, header, progress)
 
 
+def _warn_precision_change(loop: _Loop, header: dict) -> None:
+    """``precision: auto`` depends on the machine: say so when a run resumes in another one."""
+    before = header.get("precision")
+    now = resolved_precision(loop.config.precision, loop.device)
+    if before and before != now and not header.get("finished") and D.is_main():
+        logger.warning("%s ran in %s and resumes in %s (train.precision=%s on this machine); set "
+                       "train.precision=%s to continue as it started", loop.run.path, before, now,
+                       loop.config.precision, before)
+
+
 def _selection_from(loop: _Loop, header: dict, progress: Progress) -> Progress:
     """``best_val``: the best so far and the val history of the generation resumed from; its
     best-epoch folder must be intact (else the run could not end with the same best)."""
@@ -206,12 +217,14 @@ def _selection_from(loop: _Loop, header: dict, progress: Progress) -> Progress:
 
 def _make_saver(method, config: TrainConfig, run: Optional[RunDir], backbone: str,
                 header_extra: Optional[dict], optimizer, scaler) -> Callable[[Progress], None]:
+    precision = resolved_precision(config.precision, method.device)
+
     def save(progress: Progress) -> None:
         if run is None or not D.is_main():
             return
         extra = dict(header_extra or {})
         extra.update({"max_epoch": config.max_epoch, "finished": progress.finished,
-                      "step": progress.step})
+                      "step": progress.step, "precision": precision})
         if config.select == "best_val":
             extra.update(progress.selection())
         header = ckpt.make_header(method, backbone, progress.epoch, extra)
