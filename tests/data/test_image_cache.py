@@ -102,16 +102,16 @@ def test_edited_image_is_decoded_again(tmp_path, cache_root):
     cache = ImageCache(16, root=cache_root)
     first = save(path, photo_like(40, 30, seed=1))
     old_entry = cache.entry_path(first)
-    a = np.asarray(cache.open(first))
+    a = np.asarray(cache.load(first)[0])
     stat = os.stat(path)
     save(path, photo_like(40, 30, seed=2))
     assert os.stat(path).st_size == stat.st_size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
     edited_entry = cache.entry_path(first)
     assert edited_entry != old_entry
-    b = np.asarray(cache.open(first))
+    b = np.asarray(cache.load(first)[0])
     assert not np.array_equal(a, b)
-    assert np.array_equal(b, np.asarray(ImageCache(16, root=cache_root / "fresh").open(first)))
+    assert np.array_equal(b, np.asarray(ImageCache(16, root=cache_root / "fresh").load(first)[0]))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 20_000_000))  # touch alone
     assert cache.entry_path(first) not in (old_entry, edited_entry)
 
@@ -120,7 +120,7 @@ def test_edited_image_is_decoded_again(tmp_path, cache_root):
 def test_corrupt_entry_is_decoded_again(tmp_path, cache_root, damage):
     path = save(tmp_path / "a.png", photo_like(40, 30))
     cache = ImageCache(16, root=cache_root)
-    want = np.asarray(cache.open(path))
+    want = np.asarray(cache.load(path)[0])
     entry = cache.entry_path(path)
     data = bytearray(entry.read_bytes())
     if damage == "truncate":
@@ -135,7 +135,7 @@ def test_corrupt_entry_is_decoded_again(tmp_path, cache_root, damage):
         data = bytearray(encode_entry(photo_like(20, 20), (40, 30)))
     entry.write_bytes(bytes(data))
     assert decode_entry(bytes(data), 16) is None
-    assert np.array_equal(np.asarray(cache.open(path)), want)
+    assert np.array_equal(np.asarray(cache.load(path)[0]), want)
     assert decode_entry(entry.read_bytes(), 16) is not None  # rewritten
 
 

@@ -139,22 +139,11 @@ def test_methods_that_prompt_or_read_their_image_tower_are_refused_in_one_line(w
         train_method(method, tensor_data(), cfg(cached_views=2), show_progress=False)
 
 
-def test_dept_caches_views_as_its_base_method():
+def test_dept_caches_views_as_its_base_method(world):
     assert get_method("dept").frozen_image_tower is not True  # a property of the instance
-    dept_coop = build_method("dept", _tiny(), NAMES, base="coop")
-    dept_maple = build_method("dept", _tiny(), NAMES, base="maple", base_config={"depth": 1})
+    dept_coop = build_method("dept", world.clip, NAMES, base="coop")
+    dept_maple = build_method("dept", world.clip, NAMES, base="maple", base_config={"depth": 1})
     assert dept_coop.frozen_image_tower and not dept_maple.frozen_image_tower
-
-
-def _tiny():
-    from vlprompt.clip.model import CLIPConfig, build_clip
-
-    from conftest import TINY  # noqa: E402 (tests/engine/conftest.py)
-
-    torch.manual_seed(0)
-    return build_clip(CLIPConfig(**TINY))
-
-
 @pytest.mark.parametrize("value", [-1, True, 1.5])
 def test_cached_views_must_be_a_count(value):
     with pytest.raises(ValueError, match="train.cached_views must be an integer >= 0"):

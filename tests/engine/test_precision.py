@@ -40,9 +40,9 @@ def test_the_environment_decides_when_set(monkeypatch, value, expected):
     assert E.resolved_precision("auto", CPU) == expected
 
 
-def test_a_run_records_the_precision_it_ran_as(monkeypatch):
+def test_a_run_records_the_precision_it_ran_as(world, monkeypatch):
     monkeypatch.setenv(E.CPU_BF16_ENV, "1")
-    clip = _tiny()
+    clip = world.clip
     torch.manual_seed(0)
     auto = train_method(CoOp(clip, NAMES, CoOp.Config(n_ctx=4)), tensor_data(),
                         TrainConfig(max_epoch=1, batch_size=4, num_workers=0),
@@ -53,25 +53,15 @@ def test_a_run_records_the_precision_it_ran_as(monkeypatch):
                          show_progress=False)
     assert auto["precision"] == "bf16" and exact["precision"] == "fp32"
     assert auto["loss_history"] != exact["loss_history"]  # bf16 really ran
-
-
-def _tiny():
-    from vlprompt.clip.model import CLIPConfig, build_clip
-
-    from conftest import TINY  # noqa: E402 (tests/engine/conftest.py)
-
-    torch.manual_seed(0)
-    return build_clip(CLIPConfig(**TINY)).requires_grad_(False)
-
-
-def test_resuming_auto_on_a_machine_with_another_precision_warns(tmp_path, monkeypatch, caplog):
+def test_resuming_auto_on_a_machine_with_another_precision_warns(world, tmp_path, monkeypatch,
+                                                                 caplog):
     class Killed(BaseException):
         pass
 
     def kill(epoch):
         raise Killed
 
-    clip = _tiny()
+    clip = world.clip
     config = TrainConfig(max_epoch=2, batch_size=4, num_workers=0, checkpoint_every_minutes=0)
     monkeypatch.setenv(E.CPU_BF16_ENV, "0")
     with pytest.raises(Killed):

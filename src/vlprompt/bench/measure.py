@@ -301,29 +301,34 @@ class _Case:
             self.step = (make_train_step(self.method, self.train_config, device)
                          if self.trainable else None)
 
-    def train_round(self, warmup: int) -> None:
-        """Training steps: images/s, seconds per step and peak memory (best round kept)."""
-        if self.step is None:
-            return
+    def _timed_steps(self, inputs: torch.Tensor, warmup: int) -> tuple[float, float]:
+        """(seconds per training step on ``inputs``, peak MiB of the timed steps), after
+        ``warmup`` untimed steps."""
         from ..engine.train import training_switches
 
         s, device = self.setting, self.device
         with self.mode(), training_switches(self.train_config):
             self.method.train()
             for _ in range(warmup):
-                self.step(self.images, self.labels)
+                self.step(inputs, self.labels)
             _sync(device)
             with _PeakMemory(device) as mem:
                 start = time.perf_counter()
                 for _ in range(s.steps):
-                    self.step(self.images, self.labels)
+                    self.step(inputs, self.labels)
                 _sync(device)
                 elapsed = time.perf_counter() - start
-        per_step = elapsed / max(s.steps, 1)
+        return elapsed / max(s.steps, 1), mem.mb
+
+    def train_round(self, warmup: int) -> None:
+        """Training steps: images/s, seconds per step and peak memory (best round kept)."""
+        if self.step is None:
+            return
+        per_step, peak_mb = self._timed_steps(self.images, warmup)
         rate = self.batch / per_step
         if rate > self.out.get("train_images_per_s", 0.0):
             self.out.update(train_images_per_s=rate, step_s=per_step)
-        self.out["train_peak_mb"] = max(self.out.get("train_peak_mb", 0.0), mem.mb)
+        self.out["train_peak_mb"] = max(self.out.get("train_peak_mb", 0.0), peak_mb)
 
     def cached_views_round(self) -> None:
         """``train.cached_views`` (methods with ``frozen_image_tower``): the same training step
@@ -333,21 +338,10 @@ class _Case:
                 getattr(self.method, "frozen_image_tower", False) is not True:
             return
         from ..engine.evaluate import autocast
-        from ..engine.train import training_switches
 
-        s, device = self.setting, self.device
-        with torch.no_grad(), autocast(self.precision, device):
+        with torch.no_grad(), autocast(self.precision, self.device):
             features = self.method.frozen_image_features(self.images).float()  # [B, E]
-        with self.mode(), training_switches(self.train_config):
-            self.method.train()
-            self.step(features, self.labels)  # warm-up
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(s.steps):
-                self.step(features, self.labels)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-        rate = self.batch * max(s.steps, 1) / elapsed
+        rate = self.batch / self._timed_steps(features, warmup=1)[0]
         if rate > self.out.get("cached_views_train_images_per_s", 0.0):
             self.out["cached_views_train_images_per_s"] = rate
 

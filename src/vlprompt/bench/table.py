@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 COLUMNS = ("method", "batch", "train img/s", "ref train img/s", "train ×", "eval img/s",
-           "ref eval img/s", "eval ×", "cached-views train img/s", "cached ×", "train GFLOP/img", "eval GFLOP/img", "peak MiB (train)")
+           "ref eval img/s", "eval ×", "cached-views train img/s", "cached ×", "train GFLOP/img",
+           "eval GFLOP/img", "peak MiB (train)")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

@@ -142,10 +142,6 @@ class ImageCache:
         self._write(entry, encode_entry(img, full_size))
         return img, full_size
 
-    def open(self, source: ImageInput) -> Image.Image:
-        """The stored image alone (what ``open_image`` returns without the cache)."""
-        return self.load(source)[0]
-
     def _read(self, entry: Path) -> Optional[Tuple[Image.Image, Tuple[int, int]]]:
         try:
             data = entry.read_bytes()

@@ -410,7 +410,7 @@ def _train_loader(dataset: Dataset, config: TrainConfig, device: torch.device, t
     epochs (``persistent_workers``) and prefetch, and each epoch sets the sampler's order
     (``EpochSampler.set_epoch``) before iterating. Augmentation draws from a generator seeded per
     item (``SeededItems``), so neither the workers' RNG nor their number changes the batches."""
-    workers = timing["loader_workers"]
+    workers = 0 if config.cached_views else timing["num_workers"]  # cached views: in memory
     sampler = D.EpochSampler(len(dataset), config.seed, with_seeds=True)
     items = dataset if getattr(dataset, "takes_seeds", False) else SeededItems(dataset)
     loader = DataLoader(items, batch_size=timing["per_rank_batch"], sampler=sampler,
@@ -642,7 +642,7 @@ def train_method(method, dataset: Dataset, config: TrainConfig,
         dataset = _view_features(loop, dataset, num_workers, show_progress)
     timing = {**layout, "total_steps": total_steps, "remaining": remaining, "steps_done": 0,
               "start": time.time(), "num_workers": num_workers, "data_wait_s": 0.0,
-              "loop_s": 0.0, "loader_workers": 0 if config.cached_views else num_workers}
+              "loop_s": 0.0}
     loader, sampler = _train_loader(dataset, config, device, timing)
     bar = _progress_bar(remaining, show_progress)
     redirect = contextlib.nullcontext()
